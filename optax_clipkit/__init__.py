@@ -1,0 +1,24 @@
+"""optax_clipkit: gradient clipping done right, as optax transformations.
+
+Import as ``import optax_clipkit as clipkit``.
+"""
+
+from optax_clipkit._global_norm import global_norm as global_norm
+from optax_clipkit._global_norm import GlobalNormState as GlobalNormState
+from optax_clipkit._metrics import metrics as metrics
+from optax_clipkit._per_leaf_norm import per_leaf_norm as per_leaf_norm
+from optax_clipkit._per_leaf_norm import PerLeafNormState as PerLeafNormState
+from optax_clipkit._value import value as value
+from optax_clipkit._value import ValueState as ValueState
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "GlobalNormState",
+    "PerLeafNormState",
+    "ValueState",
+    "global_norm",
+    "metrics",
+    "per_leaf_norm",
+    "value",
+)

@@ -1,0 +1,246 @@
+"""Norms and scaling shared by every strategy.
+
+Squared norms accumulate in float32 (or the leaf's own dtype where wider) and
+are overflow-safe without slowing the common case:
+
+1. One pass computes every leaf's sum of squares of ``x``.
+2. Only if a sum is not finite (or, for the global norm, the whole tree's sum
+   is below the float32 normal range) does a second pass run, on ``x * k``
+   with ``k`` a power of two (``2**-100`` or ``2**100``) that brings the sums
+   into range.
+
+Both passes are one `lax.while_loop` body, so the per-leaf reductions are
+compiled once (a `lax.cond` would compile them twice). Multiplying by a power
+of two is exact, and results are applied as ``(x * k) * c``, so a gradient of
+any finite size is scaled in its own direction and never to zero or NaN.
+
+The per-leaf sums are gathered by `stack_scalars`, which keeps compile time
+linear in the number of leaves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from typing import NamedTuple
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+AxisName = Hashable | tuple[Hashable, ...] | None
+
+_DOWN = 2.0**-100  # Brings a float32 sum of squares of any finite x in range.
+_UP = 2.0**100  # Lifts squares that underflow float32 back into range.
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+  """The dtype arithmetic on a leaf of `dtype` runs in (at least float32)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def norm_dtype(leaves: Sequence[jax.Array]) -> jnp.dtype:
+  """Real dtype in which squared norms of `leaves` accumulate."""
+  dtype = jnp.dtype(jnp.float32)
+  for x in leaves:
+    dtype = jnp.promote_types(dtype, jnp.finfo(x.dtype).dtype)
+  return dtype
+
+
+def _leaf_sumsq(
+    leaves: Sequence[jax.Array], k: jax.Array, dtype
+) -> tuple[jax.Array, ...]:
+  """sum(|x * k|**2) for each leaf, in `dtype`, with one scalar `k` for all.
+
+  Every leaf's reduction takes the same operands (the leaf and `k`), so XLA
+  compiles one kernel per distinct leaf shape, not one per leaf.
+  """
+  sums = []
+  for x in leaves:
+    y = x.astype(compute_dtype(x.dtype)) * k.astype(compute_dtype(x.dtype))
+    if jnp.iscomplexobj(y):
+      sq = jnp.square(y.real) + jnp.square(y.imag)
+    else:
+      sq = jnp.square(y)
+    sums.append(jnp.sum(sq, dtype=dtype))
+  return tuple(sums)
+
+
+def stack_scalars(scalars: Sequence[jax.Array]) -> jax.Array:
+  """Stacks per-leaf scalars into a vector, compiling in linear time.
+
+  The barrier keeps XLA from fusing a many-operand stack into its consumer,
+  which makes compile time grow quadratically with the number of leaves.
+  """
+  return lax.optimization_barrier(jnp.stack(scalars))
+
+
+def _psum(x, axis_name: AxisName):
+  return x if axis_name is None else lax.psum(x, axis_name)
+
+
+def _in_range(q: jax.Array) -> jax.Array:
+  return q < jnp.inf  # False for inf and NaN.
+
+
+def _two_pass_sumsq(leaves, axis_name, per_leaf):
+  """Per-leaf squared norms, with a second pass only where needed.
+
+  Returns ``(first, last, k)``: tuples of per-leaf sums of squares of ``x``
+  (first pass; only kept if `per_leaf`, else the same as ``last``) and of
+  ``x * k`` (last pass), and the scalar power of two `k`.
+  If the first pass is in range, there is no second pass: ``k = 1`` and
+  ``last`` is ``first``. Otherwise the second pass uses ``k = 2**-100`` (a
+  sum overflowed: with `per_leaf` any leaf's, else the total) or, unless
+  `per_leaf`, ``k = 2**100`` (the whole tree's total underflowed).
+  """
+  dtype = norm_dtype(leaves)
+  tiny = jnp.finfo(dtype).tiny
+  one = jnp.ones((), dtype)
+
+  def next_k(q):
+    if per_leaf:
+      overflow = ~jnp.all(_in_range(stack_scalars(q)))
+      return jnp.where(overflow, jnp.asarray(_DOWN, dtype), one)
+    total = jnp.sum(stack_scalars(q))
+    return jnp.where(
+        _in_range(total),
+        jnp.where(total < tiny, jnp.asarray(_UP, dtype), one),
+        jnp.asarray(_DOWN, dtype),
+    )
+
+  def body(carry):
+    k, first, _, _ = carry
+    q = _psum(_leaf_sumsq(leaves, k, dtype), axis_name)
+    is_first = k == 1
+    if per_leaf:  # Keep the first pass: it is exact for in-range leaves.
+      first = tuple(jnp.where(is_first, a, b) for a, b in zip(q, first))
+    k_next = jnp.where(is_first, next_k(q), k)
+    return k_next, first, q, is_first & (k_next != 1)
+
+  zeros = tuple(jnp.zeros((), dtype) for _ in leaves)
+  init = (one, zeros if per_leaf else (), zeros, jnp.array(True))
+  k, first, last, _ = lax.while_loop(lambda carry: carry[3], body, init)
+  return (first if per_leaf else last), last, k
+
+
+# The derivative is written out so that `update` stays differentiable
+# (meta-gradients) although the primal runs a `while_loop`.
+_two_pass_sumsq = jax.custom_jvp(_two_pass_sumsq, nondiff_argnums=(1, 2))
+
+
+@_two_pass_sumsq.defjvp
+def _two_pass_sumsq_jvp(axis_name, per_leaf, primals, tangents):
+  (leaves,), (dleaves,) = primals, tangents
+  first, last, k = _two_pass_sumsq(leaves, axis_name, per_leaf)
+
+  def dsumsq(scale):
+    out = []
+    for x, dx in zip(leaves, dleaves):
+      ct = compute_dtype(x.dtype)
+      y, dy = x.astype(ct) * scale.astype(ct), dx.astype(ct) * scale.astype(ct)
+      out.append(2 * jnp.sum(jnp.real(jnp.conj(y) * dy), dtype=k.dtype))
+    return _psum(tuple(out), axis_name)
+
+  dlast = dsumsq(k)
+  dfirst = dsumsq(jnp.ones_like(k)) if per_leaf else dlast
+  return (first, last, k), (dfirst, dlast, jnp.zeros_like(k))
+
+
+class Norm(NamedTuple):
+  """An L2 norm in a form that survives overflow.
+
+  ``value`` is the norm itself (inf only when the true norm is beyond the
+  dtype's range or the input is not finite); ``scaled`` is ``value * k`` for
+  the power of two ``k``, and is finite whenever the input is. The fields are
+  scalars, or vectors with one entry per leaf.
+  """
+
+  value: jax.Array
+  scaled: jax.Array
+  k: jax.Array
+
+
+def _norm(q: jax.Array, k: jax.Array) -> Norm:
+  scaled = jnp.sqrt(q)
+  return Norm(scaled / k, scaled, k)
+
+
+def global_norm(leaves: Sequence[jax.Array], axis_name: AxisName = None) -> Norm:
+  """The L2 norm of all `leaves` together (psum'd over `axis_name`)."""
+  if not leaves:
+    return _norm(jnp.zeros((), jnp.float32), jnp.ones((), jnp.float32))
+  _, last, k = _two_pass_sumsq(leaves, axis_name, False)
+  return _norm(jnp.sum(stack_scalars(last)), k)
+
+
+def per_leaf_norms(
+    leaves: Sequence[jax.Array], axis_name: AxisName = None
+) -> list[Norm]:
+  """The L2 norm of each leaf, as a list of scalar norms."""
+  if not leaves:
+    return []
+  first, last, k = _two_pass_sumsq(leaves, axis_name, True)
+  norms = []
+  for q1, q in zip(first, last):
+    ok = _in_range(q1)
+    norms.append(_norm(jnp.where(ok, q1, q), jnp.where(ok, jnp.ones_like(k), k)))
+  return norms
+
+
+def total_norm(norms: Sequence[Norm]) -> Norm:
+  """The norm of all leaves from their per-leaf norms, without overflow."""
+  if not norms:
+    return _norm(jnp.zeros((), jnp.float32), jnp.ones((), jnp.float32))
+  q = jnp.square(stack_scalars([n.scaled for n in norms]))
+  k = stack_scalars([n.k for n in norms])
+  # Bring every leaf to the smallest k. The ratios are exact powers of two
+  # (1 or 2**-100) and are applied one at a time, since their squares could
+  # underflow where the products do not.
+  kmin = jnp.min(k)
+  ratio = kmin / k
+  terms = q * ratio * ratio
+  total = jnp.sum(terms)
+  # Every per-leaf sum is finite, yet their total may still overflow.
+  overflow = ~_in_range(total) & jnp.all(_in_range(q))
+  down = jnp.asarray(_DOWN, q.dtype)
+  total = jnp.where(overflow, jnp.sum(terms * down * down), total)
+  return _norm(total, jnp.where(overflow, kmin * down, kmin))
+
+
+class Scale(NamedTuple):
+  """Factors that map a leaf ``x`` to ``(x * k) * c``; ``applied`` is ``k*c``."""
+
+  clipped: jax.Array
+  k: jax.Array
+  c: jax.Array
+
+  @property
+  def applied(self) -> jax.Array:
+    return self.k * self.c
+
+
+def clip_to(norm: Norm, threshold: jax.typing.ArrayLike) -> Scale:
+  """Factors that scale `norm` down to `threshold` where it is above it.
+
+  Where the norm is not finite because the input is not (NaN or Inf), or is
+  at most the threshold, the factors are exactly one: the leaf passes through
+  unchanged, bit for bit. A negative or NaN `threshold` (possible only when
+  traced) acts as zero or as no threshold, respectively.
+  """
+  t = jnp.maximum(jnp.asarray(threshold, norm.scaled.dtype), 0)
+  clipped = _in_range(norm.scaled) & (norm.value > t)
+  one = jnp.ones_like(norm.scaled)
+  # `scaled > t * k >= 0` wherever clipped, so the quotient is finite.
+  c = jnp.where(clipped, t / jnp.where(clipped, norm.scaled, one), one)
+  return Scale(clipped, jnp.where(clipped, norm.k, one), c)
+
+
+def scale_leaf(x: jax.Array, k: jax.Array, c: jax.Array) -> jax.Array:
+  """``(x * k) * c`` computed in at least float32, cast back to x's dtype."""
+  ct = compute_dtype(x.dtype)
+  return ((x.astype(ct) * k.astype(ct)) * c.astype(ct)).astype(x.dtype)
+
+
+def as_f32(x: jax.typing.ArrayLike) -> jax.Array:
+  """A metric scalar, stored as float32 whatever the leaves' dtypes."""
+  return jnp.asarray(x).astype(jnp.float32)

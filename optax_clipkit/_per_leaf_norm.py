@@ -1,0 +1,115 @@
+"""Clipping each leaf by its own L2 norm."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_clipkit import _metrics
+from optax_clipkit import _numerics
+from optax_clipkit import _validation
+
+
+class PerLeafNormState(NamedTuple):
+  """State of `per_leaf_norm`: the metrics of the last update.
+
+  Attributes:
+    grad_norm: Global L2 norm of the incoming updates (float32).
+    clip_threshold: The `max_norm` in force.
+    clip_scale: The smallest factor any leaf was multiplied by.
+    clipped_fraction: The fraction of leaves that were clipped.
+  """
+
+  grad_norm: jax.Array
+  clip_threshold: jax.Array
+  clip_scale: jax.Array
+  clipped_fraction: jax.Array
+
+
+_metrics.register_state(
+    PerLeafNormState,
+    "grad_norm",
+    "clip_threshold",
+    "clip_scale",
+    "clipped_fraction",
+)
+
+
+def per_leaf_norm(
+    max_norm: jax.typing.ArrayLike,
+    *,
+    axis_name: _numerics.AxisName = None,
+) -> optax.GradientTransformation:
+  r"""Clips each leaf of the updates to a maximum L2 norm of its own.
+
+  For every leaf :math:`g_i`, with :math:`c` the threshold `max_norm`,
+
+  .. math::
+    g_i \leftarrow g_i \cdot \min\left(1, \frac{c}{\|g_i\|_2}\right).
+
+  This is what Keras ``clipnorm`` does (per variable). Leaves below the
+  threshold come back unchanged, bit for bit. Norms accumulate in float32 and
+  are overflow-safe, as in :func:`global_norm`. A leaf containing a NaN or an
+  infinity passes through unchanged. Per-leaf norms whose square is below the
+  float32 normal range (norms under about 1e-19) are taken at their float32
+  value; they are never clipped by a threshold above that.
+
+  Args:
+    max_norm: The maximum norm of each leaf, a non-negative number. May be
+      traced (`optax.inject_hyperparams`); a negative traced value acts as
+      zero.
+    axis_name: Mapped axis name (or tuple of names) over which to sum the
+      squared norms under `shard_map`/`pmap`. None for local norms.
+
+  Returns:
+    A :class:`optax.GradientTransformation` whose state, `PerLeafNormState`,
+    holds the metrics read by :func:`optax_clipkit.metrics`.
+
+  Raises:
+    ValueError: If `max_norm` is negative, NaN, or not a number.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_clipkit as clipkit
+    >>> tx = clipkit.per_leaf_norm(max_norm=1.0)
+    >>> grads = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([0.5])}
+    >>> clipped, state = tx.update(grads, tx.init(grads))
+    >>> clipped["a"], clipped["b"]
+    (Array([0.6, 0.8], dtype=float32), Array([0.5], dtype=float32))
+    >>> float(state.clipped_fraction)
+    0.5
+  """
+  _validation.check_threshold("max_norm", max_norm)
+
+  def init_fn(params):
+    _validation.check_float_leaves(params)
+    return PerLeafNormState(
+        grad_norm=jnp.zeros((), jnp.float32),
+        clip_threshold=_numerics.as_f32(max_norm),
+        clip_scale=jnp.ones((), jnp.float32),
+        clipped_fraction=jnp.zeros((), jnp.float32),
+    )
+
+  def update_fn(updates, state, params=None):
+    del state, params
+    leaves, treedef = jax.tree.flatten(updates)
+    norms = _numerics.per_leaf_norms(leaves, axis_name)
+    scales = [_numerics.clip_to(n, max_norm) for n in norms]
+    out = [_numerics.scale_leaf(x, s.k, s.c) for x, s in zip(leaves, scales)]
+    stack = _numerics.stack_scalars
+    new_state = PerLeafNormState(
+        grad_norm=_numerics.as_f32(_numerics.total_norm(norms).value),
+        clip_threshold=_numerics.as_f32(max_norm),
+        clip_scale=_numerics.as_f32(
+            jnp.min(stack([s.applied for s in scales])) if leaves else 1.0
+        ),
+        clipped_fraction=_numerics.as_f32(
+            jnp.mean(stack([s.clipped for s in scales])) if leaves else 0.0
+        ),
+    )
+    return jax.tree.unflatten(treedef, out), new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)

@@ -1,0 +1,103 @@
+"""Argument checks shared by every strategy.
+
+Concrete values (Python numbers, numpy and concrete jax scalars) are checked
+when a transformation is built. Traced values, which is what
+`optax.inject_hyperparams` passes when it re-calls a factory inside `update`,
+are let through unchecked: they cannot be inspected without a host sync, and
+the transformations treat them defensively instead (a negative traced threshold
+acts as zero).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def _concrete_float(name: str, value: Any, expected: str) -> float | None:
+  """Returns `value` as a float, None if it is traced; raises if not a number."""
+  if isinstance(value, jax.core.Tracer):
+    return None
+  bad = ValueError(f"`{name}` must be {expected}, got {value!r}.")
+  if isinstance(value, (bool, np.bool_)):
+    raise bad
+  if isinstance(value, numbers.Real):
+    return float(value)
+  if isinstance(value, (np.ndarray, np.generic, jax.Array)):
+    arr = np.asarray(value)
+    if arr.shape != () or not (
+        np.issubdtype(arr.dtype, np.floating)
+        or np.issubdtype(arr.dtype, np.integer)
+    ):
+      raise bad
+    return float(arr)
+  raise bad
+
+
+def check_number(
+    name: str,
+    value: Any,
+    *,
+    low: float = -math.inf,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = False,
+    expected: str,
+) -> None:
+  """Raises ValueError unless `value` is a real scalar within the bounds.
+
+  NaN is always rejected. `expected` completes the sentence
+  "`name` must be ..." in the error message.
+  """
+  v = _concrete_float(name, value, expected)
+  if v is None:
+    return
+  above = v > low if low_open else v >= low
+  below = v < high if high_open else v <= high
+  if not (above and below):  # NaN fails both comparisons.
+    raise ValueError(f"`{name}` must be {expected}, got {value!r}.")
+
+
+def check_threshold(name: str, value: Any) -> None:
+  """A clipping threshold: a non-negative number (``inf`` allowed)."""
+  check_number(name, value, low=0.0, expected="a non-negative number")
+
+
+def check_optional_threshold(name: str, value: Any) -> None:
+  if value is not None:
+    check_threshold(name, value)
+
+
+def check_int(name: str, value: Any, *, low: int) -> int:
+  """A structural integer (fixes a shape): a Python int >= `low`."""
+  if (
+      isinstance(value, (bool, np.bool_))
+      or not isinstance(value, (numbers.Integral, np.integer))
+      or value < low
+  ):
+    raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
+  return int(value)
+
+
+def check_float_leaves(
+    tree: Any, argument: str = "params", *, real: bool = False
+) -> None:
+  """Raises TypeError naming the first leaf that is not floating-point.
+
+  Complex leaves are accepted unless `real`.
+  """
+  kind = jax.numpy.floating if real else jax.numpy.inexact
+  leaves_with_path = jax.tree_util.tree_flatten_with_path(tree)[0]
+  for path, leaf in leaves_with_path:
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None or not jax.numpy.issubdtype(dtype, kind):
+      raise TypeError(
+          f"This clipping needs {'real ' if real else ''}floating-point"
+          f" leaves, but `{argument}`"
+          f" has leaf {jax.tree_util.keystr(path) or '<root>'} of dtype"
+          f" {dtype if dtype is not None else type(leaf).__name__}."
+      )

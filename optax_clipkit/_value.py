@@ -1,0 +1,114 @@
+"""Element-wise clipping to a symmetric range."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_clipkit import _metrics
+from optax_clipkit import _numerics
+from optax_clipkit import _validation
+
+
+class ValueState(NamedTuple):
+  """State of `value`: the metrics of the last update.
+
+  Attributes:
+    clip_threshold: The `max_value` in force.
+    clipped_fraction: The fraction of elements beyond `max_value` (infinities
+      count; a NaN in the updates makes it NaN).
+  """
+
+  clip_threshold: jax.Array
+  clipped_fraction: jax.Array
+
+
+_metrics.register_state(ValueState, "clip_threshold", "clipped_fraction")
+
+
+def clip_leaf(x: jax.Array, limit: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Clips the finite elements of `x` to ``[-limit, limit]`` in x's dtype.
+
+  Returns the clipped leaf and the number of elements beyond the limit
+  (float32; infinities count, a NaN makes it NaN). Non-finite elements pass
+  through unchanged.
+  """
+  limit = jnp.asarray(limit).astype(x.dtype)
+  out = jnp.where(jnp.isfinite(x), jnp.clip(x, -limit, limit), x)
+  # sign(relu(|x| - limit)) is 1 exactly where |x| > limit. XLA:CPU sums it
+  # about 5x faster than a comparison's booleans.
+  excess = jnp.abs(x).astype(jnp.float32) - limit.astype(jnp.float32)
+  count = jnp.sum(jnp.sign(jnp.maximum(excess, 0)))
+  return out, count
+
+
+def clip_leaves(updates, limit):
+  """Applies `clip_leaf` over a tree; returns it and the clipped fraction."""
+  leaves, treedef = jax.tree.flatten(updates)
+  pairs = [clip_leaf(x, limit) for x in leaves]
+  size = sum(x.size for x in leaves)
+  if not size:
+    fraction = jnp.zeros((), jnp.float32)
+  else:
+    fraction = jnp.sum(_numerics.stack_scalars([c for _, c in pairs])) / size
+  return jax.tree.unflatten(treedef, [o for o, _ in pairs]), fraction
+
+
+def value(max_value: jax.typing.ArrayLike) -> optax.GradientTransformation:
+  r"""Clips every element of the updates to ``[-max_value, max_value]``.
+
+  .. math::
+    g_j \leftarrow \max(-c, \min(c, g_j)).
+
+  This is Keras ``clipvalue`` and ``torch.nn.utils.clip_grad_value_``. The
+  comparison runs in each leaf's own dtype (the threshold is rounded to it).
+  Unlike `optax.clip`, NaN and infinities are never clipped: they pass through
+  unchanged, so an overflowed gradient cannot come out as a plausible update
+  of ``±max_value``; a negative threshold is rejected rather than flipping
+  signs.
+
+  Args:
+    max_value: The largest magnitude allowed, a non-negative number. May be
+      traced (`optax.inject_hyperparams`); a negative traced value acts as
+      zero.
+
+  Returns:
+    A :class:`optax.GradientTransformation` whose state, `ValueState`, holds
+    the metrics read by :func:`optax_clipkit.metrics`.
+
+  Raises:
+    ValueError: If `max_value` is negative, NaN, or not a number.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_clipkit as clipkit
+    >>> tx = clipkit.value(max_value=1.0)
+    >>> grads = jnp.array([3.0, -0.5, -2.0, 0.25])
+    >>> clipped, state = tx.update(grads, tx.init(grads))
+    >>> clipped
+    Array([ 1.  , -0.5 , -1.  ,  0.25], dtype=float32)
+    >>> float(state.clipped_fraction)
+    0.5
+  """
+  _validation.check_threshold("max_value", max_value)
+
+  def init_fn(params):
+    _validation.check_float_leaves(params, real=True)
+    return ValueState(
+        clip_threshold=_numerics.as_f32(max_value),
+        clipped_fraction=jnp.zeros((), jnp.float32),
+    )
+
+  def update_fn(updates, state, params=None):
+    del state, params
+    limit = jnp.maximum(jnp.asarray(max_value), 0)
+    updates, fraction = clip_leaves(updates, limit)
+    return updates, ValueState(
+        clip_threshold=_numerics.as_f32(max_value),
+        clipped_fraction=_numerics.as_f32(fraction),
+    )
+
+  return optax.GradientTransformation(init_fn, update_fn)
