@@ -35,15 +35,17 @@ _UP = 2.0**100  # Lifts squares that underflow float32 back into range.
 
 def compute_dtype(dtype) -> jnp.dtype:
   """The dtype arithmetic on a leaf of `dtype` runs in (at least float32)."""
-  return jnp.promote_types(dtype, jnp.float32)
+  dtype = jnp.dtype(dtype)
+  if jnp.finfo(dtype).bits >= 32:
+    return dtype
+  return jnp.dtype(jnp.complex64 if jnp.iscomplexobj(dtype.type(0)) else
+                   jnp.float32)
 
 
 def norm_dtype(leaves: Sequence[jax.Array]) -> jnp.dtype:
   """Real dtype in which squared norms of `leaves` accumulate."""
-  dtype = jnp.dtype(jnp.float32)
-  for x in leaves:
-    dtype = jnp.promote_types(dtype, jnp.finfo(x.dtype).dtype)
-  return dtype
+  bits = max([32] + [jnp.finfo(x.dtype).bits for x in leaves])
+  return jnp.dtype(jnp.float64 if bits > 32 else jnp.float32)
 
 
 def _leaf_sumsq(
