@@ -46,8 +46,8 @@ def init_mlp(key, sizes=(20, 25, 1)):
 
 def mlp(params, x):
   for layer in params[:-1]:
-    x = jax.nn.relu(x @ layer["w"] + layer["b"])
-  return (x @ params[-1]["w"] + params[-1]["b"])[:, 0]
+    x = jax.nn.relu(x @ layer["w"] + layer["b"][None])
+  return (x @ params[-1]["w"] + params[-1]["b"][None])[:, 0]
 
 
 def mse(params, x, y):

@@ -1,0 +1,216 @@
+"""Each rule against an independent numpy reference, properties, and errors."""
+
+import functools
+import re
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings, strategies as st
+from hypothesis.extra import numpy as hnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+import optax_clipkit as clipkit
+from optax_clipkit import demo
+
+
+def np_global(leaves, c):
+  leaves = [np.asarray(x, np.float64) for x in leaves]
+  norm = np.sqrt(sum(np.sum(x * x) for x in leaves))
+  s = c / norm if norm > c else 1.0
+  return [x * s for x in leaves], norm
+
+
+def np_per_leaf(leaves, c):
+  out = []
+  for x in leaves:
+    x = np.asarray(x, np.float64)
+    n = np.sqrt(np.sum(x * x))
+    out.append(x * (c / n) if n > c else x)
+  return out
+
+
+def apply(tx, leaves):
+  out, state = jax.jit(tx.update)(list(leaves), tx.init(list(leaves)))
+  return [np.asarray(x, np.float64) for x in out], state
+
+
+# Magnitudes under 1e-6 are left out: per-leaf norms below ~1e-19 and
+# subnormal elements are outside the documented exact range.
+finite = st.floats(-1e3, 1e3, allow_nan=False, width=32).filter(
+    lambda v: v == 0 or abs(v) > 1e-6)
+trees = st.lists(
+    hnp.arrays(np.float32, hnp.array_shapes(max_dims=2, max_side=5),
+               elements=finite),
+    min_size=1, max_size=4)
+thresholds = st.floats(0.0, 100.0, width=32).filter(
+    lambda v: v == 0 or v > 1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(trees, thresholds)
+def test_global_norm_matches_numpy_and_properties(leaves, c):
+  out, state = apply(clipkit.global_norm(c), leaves)
+  ref, norm = np_global(leaves, c)
+  for a, b in zip(out, ref):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(state.grad_norm, norm, rtol=1e-5, atol=1e-30)
+  assert np.sqrt(sum(np.sum(x * x) for x in out)) <= c * (1 + 1e-5) + 1e-30 \
+      or norm <= c
+  if norm <= c:  # Unchanged, bit for bit.
+    for a, x in zip(out, leaves):
+      np.testing.assert_array_equal(a, x)
+  # Idempotent.
+  again, _ = apply(clipkit.global_norm(c), [x.astype(np.float32) for x in out])
+  for a, b in zip(again, out):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(trees, thresholds)
+def test_per_leaf_norm_matches_numpy(leaves, c):
+  out, state = apply(clipkit.per_leaf_norm(c), leaves)
+  for a, b in zip(out, np_per_leaf(leaves, c)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  norms = [np.sqrt(np.sum(np.float64(x) ** 2)) for x in leaves]
+  np.testing.assert_allclose(
+      state.clipped_fraction, np.mean([n > c for n in norms]), atol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(trees, thresholds)
+def test_value_matches_numpy(leaves, c):
+  out, state = apply(clipkit.value(c), leaves)
+  for a, x in zip(out, leaves):
+    np.testing.assert_array_equal(
+        a, np.clip(x, -np.float32(c), np.float32(c)))
+  flat = np.concatenate([x.ravel() for x in leaves])
+  np.testing.assert_allclose(
+      state.clipped_fraction, np.mean(np.abs(flat) > np.float32(c)),
+      atol=1e-6)
+
+
+def test_matches_optax_on_ordinary_inputs():
+  g = {"a": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(4)}
+  ours, _ = clipkit.global_norm(2.0).update(g, None)
+  theirs, _ = optax.clip_by_global_norm(2.0).update(g, None)
+  chex.assert_trees_all_close(ours, theirs, rtol=1e-6)
+  ours, _ = clipkit.value(2.0).update(g, clipkit.value(2.0).init(g))
+  theirs, _ = optax.clip(2.0).update(g, None)
+  chex.assert_trees_all_equal(ours, theirs)
+
+
+@pytest.mark.parametrize(
+    "dtype,value,size",
+    [(jnp.float16, 100.0, 1000), (jnp.bfloat16, 1e20, 1000),
+     (jnp.float32, 1e20, 1000), (jnp.float32, 3e38, 10),
+     (jnp.float32, 1e-30, 10)],
+)
+@pytest.mark.parametrize("factory", [clipkit.global_norm,
+                                     clipkit.per_leaf_norm])
+def test_finite_gradients_of_any_size_keep_direction(factory, dtype, value,
+                                                     size):
+  x = jnp.linspace(0.5, 1.0, size) * value
+  g = {"x": x.astype(dtype), "y": (-x[:3]).astype(dtype)}
+  c = 1e-32 if value < 1 else 1.0
+  tx = factory(c)
+  out, state = jax.jit(tx.update)(g, tx.init(g))
+  for k in g:
+    o = np.asarray(out[k], np.float64)
+    assert np.all(np.isfinite(o)) and np.all(o != 0), (k, o)
+    ref = np.asarray(g[k], np.float64)
+    cos = np.sum(o * ref) / np.linalg.norm(o) / np.linalg.norm(ref)
+    assert cos > 1 - 1e-3
+  if factory is clipkit.global_norm:
+    total = np.sqrt(sum(np.sum(np.asarray(v, np.float64) ** 2)
+                        for v in out.values()))
+    np.testing.assert_allclose(total, c, rtol=1e-2)
+
+
+@pytest.mark.parametrize("factory,arg", [(clipkit.global_norm, 1.0),
+                                         (clipkit.per_leaf_norm, 1.0),
+                                         (clipkit.value, 1.0)])
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf, -jnp.inf])
+def test_non_finite_input_passes_through(factory, arg, bad):
+  g = {"a": jnp.array([3.0, bad, -2.0])}
+  tx = factory(arg)
+  out, _ = jax.jit(tx.update)(g, tx.init(g))
+  assert not np.all(np.isfinite(out["a"]))
+  if factory is clipkit.value:
+    np.testing.assert_array_equal(out["a"], [1.0, bad, -1.0])
+  else:
+    np.testing.assert_array_equal(out["a"], g["a"])
+
+
+@pytest.mark.parametrize("factory,name", [(clipkit.global_norm, "max_norm"),
+                                          (clipkit.per_leaf_norm, "max_norm"),
+                                          (clipkit.value, "max_value")])
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), "1.0", None, True,
+                                 np.ones(2)])
+def test_bad_threshold_raises_at_construction(factory, name, bad):
+  with pytest.raises(ValueError, match=re.escape(
+      f"`{name}` must be a non-negative number, got {bad!r}")):
+    factory(bad)
+
+
+def test_integer_leaves_rejected_at_init():
+  with pytest.raises(TypeError, match=r"\['n'\] of dtype int32"):
+    clipkit.global_norm(1.0).init({"n": jnp.zeros(2, jnp.int32)})
+
+
+@jax.numpy_dtype_promotion("standard")  # optax.adam mixes int and float.
+def test_metrics_keys_plain_and_disambiguated():
+  g = {"a": jnp.array([3.0, 4.0])}
+  one = optax.chain(clipkit.global_norm(1.0), optax.adam(1e-3))
+  m = clipkit.metrics(jax.jit(one.update)(g, one.init(g), g)[1])
+  assert set(m) == {"grad_norm", "clip_threshold", "clip_scale"}
+  np.testing.assert_allclose(m["grad_norm"], 5.0)
+  two = optax.inject_hyperparams(
+      lambda: optax.chain(clipkit.value(1.0), optax.adam(1e-3),
+                          clipkit.global_norm(1.0)))()
+  m = clipkit.metrics(jax.jit(two.update)(g, two.init(g), g)[1])
+  assert set(m) == {"0/clip_threshold", "0/clipped_fraction",
+                    "2/grad_norm", "2/clip_threshold", "2/clip_scale"}
+  np.testing.assert_allclose(m["0/clipped_fraction"], 1.0)
+  assert clipkit.metrics(optax.adam(1e-3).init(g)) == {}
+
+
+def test_shard_map_axis_name_gives_global_norm():
+  mesh = Mesh(np.array(jax.devices()), ("d",))
+  x = jnp.arange(16.0) - 8.0
+
+  def run(axis_name):
+    tx = clipkit.global_norm(1.0, axis_name=axis_name)
+    f = jax.shard_map(lambda g: tx.update({"x": g}, tx.init({"x": g}))[1]
+                      .grad_norm[None], mesh=mesh, in_specs=P("d"),
+                      out_specs=P("d"))
+    return np.asarray(jax.jit(f)(x))
+
+  np.testing.assert_allclose(run("d"), np.linalg.norm(x), rtol=1e-6)
+
+
+def test_update_is_differentiable():
+  g = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([1.0])}
+
+  def loss(tx, g):
+    return jnp.sum(jnp.sin(jax.tree.leaves(tx.update(g, None)[0])[0]))
+
+  ours = jax.grad(functools.partial(loss, clipkit.global_norm(1.0)))(g)
+  theirs = jax.grad(functools.partial(loss, optax.clip_by_global_norm(1.0)))(g)
+  chex.assert_trees_all_close(ours, theirs, rtol=1e-5)
+
+
+def test_demo_no_clipping_diverges_and_clipping_trains():
+  x, y = demo.make_regression()
+  data = (x[:500], y[:500], x[500:], y[500:])
+  sgd = optax.sgd(0.01, momentum=0.9)
+  train_mse, _, _ = demo.train(sgd, data, epochs=10)
+  assert np.isnan(train_mse)
+  for name, clip in demo.strategies()[1:]:
+    train_mse, test_mse, state = demo.train(optax.chain(clip, sgd), data,
+                                            epochs=100)
+    assert test_mse < 0.005 * np.var(y), name
+    assert clipkit.metrics(state)["clip_threshold"] > 0
