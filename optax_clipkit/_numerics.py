@@ -119,8 +119,13 @@ def _two_pass_sumsq(leaves, axis_name, per_leaf):
     k_next = jnp.where(is_first, next_k(q), k)
     return k_next, first, q, is_first & (k_next != 1)
 
-  zeros = tuple(jnp.zeros((), dtype) for _ in leaves)
-  init = (one, zeros if per_leaf else (), zeros, jnp.array(True))
+  if axis_name is None:
+    # Under shard_map the carry must vary over the same axes as the leaves.
+    zeros = tuple(jnp.zeros_like(x, shape=(), dtype=dtype) for x in leaves)
+  else:
+    zeros = tuple(jnp.zeros((), dtype) for _ in leaves)
+  z = jnp.sum(stack_scalars(zeros))
+  init = (one + z, zeros if per_leaf else (), zeros, z == 0)
   k, first, last, _ = lax.while_loop(lambda carry: carry[3], body, init)
   return (first if per_leaf else last), last, k
 

@@ -190,6 +190,9 @@ def test_shard_map_axis_name_gives_global_norm():
     return np.asarray(jax.jit(f)(x))
 
   np.testing.assert_allclose(run("d"), np.linalg.norm(x), rtol=1e-6)
+  # Without axis_name, each device sees the norm of its own shard.
+  local = [np.linalg.norm(s) for s in np.split(np.asarray(x), 8)]
+  np.testing.assert_allclose(run(None), local, rtol=1e-6)
 
 
 def test_update_is_differentiable():
