@@ -36,10 +36,7 @@ def _prefixes(paths: list[tuple[str, ...]]) -> list[str]:
   shortest = min(len(p) for p in paths)
   while common < shortest and len({p[common] for p in paths}) == 1:
     common += 1
-  names = ["/".join(p[common:]) for p in paths]
-  if len(set(names)) < len(names):  # Cannot happen for disjoint subtrees.
-    names = ["/".join(p) for p in paths]
-  return names
+  return ["/".join(p[common:]) for p in paths]
 
 
 def metrics(opt_state: Any) -> dict[str, jax.Array]:

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_clipkit import _global_norm
 from optax_clipkit import _metrics
 from optax_clipkit import _numerics
 from optax_clipkit import _validation
@@ -87,9 +88,7 @@ def per_leaf_norm(
   def init_fn(params):
     _validation.check_float_leaves(params)
     return PerLeafNormState(
-        grad_norm=jnp.zeros((), jnp.float32),
-        clip_threshold=_numerics.as_f32(max_norm),
-        clip_scale=jnp.ones((), jnp.float32),
+        *_global_norm.init_norm_metrics(max_norm),
         clipped_fraction=jnp.zeros((), jnp.float32),
     )
 

@@ -55,7 +55,7 @@ def mse(params, x, y):
 
 
 def train(tx, data, epochs=100, batch=32, seed=0):
-  """Trains with `tx`; returns (train MSE, test MSE) after the last epoch."""
+  """Trains with `tx`; returns (train MSE, test MSE, optimizer state)."""
   x_train, y_train, x_test, y_test = map(jnp.asarray, data)
   n_batches = len(x_train) // batch
   params = init_mlp(jax.random.PRNGKey(seed))
