@@ -73,7 +73,15 @@ def check_optional_threshold(name: str, value: Any) -> None:
 
 
 def check_int(name: str, value: Any, *, low: int) -> int:
-  """A structural integer (fixes a shape): a Python int >= `low`."""
+  """A structural integer (fixes a shape): a concrete int >= `low`."""
+  if isinstance(value, jax.core.Tracer):
+    raise ValueError(
+        f"`{name}` fixes the shape of the state, so it cannot be traced; got"
+        f" {value!r}. With `optax.inject_hyperparams`, list it in"
+        f" `static_args=({name!r},)`."
+    )
+  if isinstance(value, (np.ndarray, jax.Array)) and value.shape == ():
+    value = value.item()
   if (
       isinstance(value, (bool, np.bool_))
       or not isinstance(value, (numbers.Integral, np.integer))

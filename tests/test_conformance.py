@@ -13,11 +13,18 @@ import optax_clipkit as clipkit
 # name -> (factory, numeric hyperparameters). Thresholds are chosen so that
 # the test gradients below are clipped.
 REGISTRY = {
+    "adaptive": (clipkit.adaptive, {"percentile": 10.0, "max_norm": 1.0}),
+    "autoclip": (clipkit.autoclip, {"percentile": 10.0, "max_norm": 1.0}),
     "global_norm": (clipkit.global_norm, {"max_norm": 1.0}),
     "per_leaf_norm": (clipkit.per_leaf_norm, {"max_norm": 0.5}),
     "value": (clipkit.value, {"max_value": 0.3}),
+    "zclip": (clipkit.zclip, {"z_threshold": 2.5, "max_norm": 1.0}),
 }
 NAMES = sorted(REGISTRY)
+# Arguments that fix the state's shape: `optax.inject_hyperparams` must not
+# trace them.
+STATIC = {"adaptive": ("history",), "autoclip": ("history",),
+          "zclip": ("warmup",)}
 
 
 def make(name):
@@ -66,7 +73,9 @@ def test_no_retrace(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_inject_hyperparams_equals_plain(name):
   factory, kwargs = REGISTRY[name]
-  injected = optax.inject_hyperparams(factory)(**kwargs)
+  injected = optax.inject_hyperparams(
+      factory, static_args=STATIC.get(name, ())
+  )(**kwargs)
   plain = factory(**kwargs)
   g = grads()
   s_inj, s_plain = injected.init(g), plain.init(g)
