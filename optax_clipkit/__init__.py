@@ -11,6 +11,7 @@ from optax_clipkit._global_norm import global_norm as global_norm
 from optax_clipkit._global_norm import GlobalNormState as GlobalNormState
 from optax_clipkit._metrics import metrics as metrics
 from optax_clipkit._per_leaf_norm import per_leaf_norm as per_leaf_norm
+from optax_clipkit._per_module import per_module as per_module
 from optax_clipkit._per_leaf_norm import PerLeafNormState as PerLeafNormState
 from optax_clipkit._value import value as value
 from optax_clipkit._value import ValueState as ValueState
@@ -31,6 +32,7 @@ __all__ = (
     "global_norm",
     "metrics",
     "per_leaf_norm",
+    "per_module",
     "value",
     "zclip",
 )

@@ -31,12 +31,20 @@ def _key_name(key: Any) -> str:
 
 
 def _prefixes(paths: list[tuple[str, ...]]) -> list[str]:
-  """The shortest path parts that tell the states apart, joined with '/'."""
-  common = 0
+  """The path parts that tell the states apart, joined with '/'.
+
+  Parts shared by all paths at their start or at their end (wrappers such as
+  ``inner_state``) are dropped.
+  """
+  start = 0
   shortest = min(len(p) for p in paths)
-  while common < shortest and len({p[common] for p in paths}) == 1:
-    common += 1
-  return ["/".join(p[common:]) for p in paths]
+  while start < shortest and len({p[start] for p in paths}) == 1:
+    start += 1
+  end = 0
+  while (start + end + 1 < shortest
+         and len({p[len(p) - end - 1] for p in paths}) == 1):
+    end += 1
+  return ["/".join(p[start:len(p) - end]) for p in paths]
 
 
 def metrics(opt_state: Any) -> dict[str, jax.Array]:

@@ -10,6 +10,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import optax_clipkit as clipkit
 
+def per_module(max_norm):
+  # Leaves not under "nested" are one global-norm group; the rest go to the
+  # default.
+  return clipkit.per_module(
+      [("^[^n]", clipkit.global_norm(max_norm), "main")],
+      default=clipkit.value(0.3),
+  )
+
+
 # name -> (factory, numeric hyperparameters). Thresholds are chosen so that
 # the test gradients below are clipped.
 REGISTRY = {
@@ -17,6 +26,7 @@ REGISTRY = {
     "autoclip": (clipkit.autoclip, {"percentile": 10.0, "max_norm": 1.0}),
     "global_norm": (clipkit.global_norm, {"max_norm": 1.0}),
     "per_leaf_norm": (clipkit.per_leaf_norm, {"max_norm": 0.5}),
+    "per_module": (per_module, {"max_norm": 1.0}),
     "value": (clipkit.value, {"max_value": 0.3}),
     "zclip": (clipkit.zclip, {"z_threshold": 2.5, "max_norm": 1.0}),
 }
