@@ -83,9 +83,15 @@ def train(tx, data, epochs=100, batch=32, seed=0):
           float(mse(params, x_test, y_test)), state)
 
 
-def regression_task(steps=2000, batch=32):
-  """The demo's regression as a task for `train_task` (random batches)."""
+def regression_task(steps=2000, batch=32, standardize=False):
+  """The demo's regression as a task for `train_task` (random batches).
+
+  With `standardize`, the targets are divided by their standard deviation:
+  a healthy problem whose gradients do not explode, a control.
+  """
   x, y = make_regression()
+  if standardize:
+    y = y / y.std()
   x_train, y_train = jnp.asarray(x[:500]), jnp.asarray(y[:500])
 
   def sample(key):
@@ -180,6 +186,13 @@ def strategies():
       ("global_norm(1.0)", clipkit.global_norm(1.0)),
       ("per_leaf_norm(1.0)", clipkit.per_leaf_norm(1.0)),
       ("value(5.0)", clipkit.value(5.0)),
+      ("adaptive()", clipkit.adaptive()),
+      ("autoclip(max_norm=1.0)", clipkit.autoclip(max_norm=1.0)),
+      ("zclip(max_norm=1.0)", clipkit.zclip(max_norm=1.0)),
+      # The MLP's parameters are a list of layers: paths "0/w", "1/b", ...
+      ("per_module(hidden: global_norm(1.0), output: value(5.0))",
+       clipkit.per_module([("^0/", clipkit.global_norm(1.0), "hidden"),
+                           ("^1/", clipkit.value(5.0), "output")])),
   ]
 
 
