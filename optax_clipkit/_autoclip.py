@@ -119,10 +119,10 @@ def autoclip(
 
   def update_fn(updates, state, params=None):
     del params
-    updates, fields = _history.percentile_clip(
-        updates, state, percentile, growth=None, max_norm=max_norm,
-        axis_name=axis_name,
+    history = (state.norm_history, state.norm_count, jnp.float32(jnp.inf))
+    updates, (buffer, count, _), metrics = _history.percentile_clip(
+        updates, history, percentile, max_norm=max_norm, axis_name=axis_name
     )
-    return updates, AutoClipState(*fields)
+    return updates, AutoClipState(*metrics, buffer, count)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -100,38 +100,34 @@ def adaptive_clip(
 
 def percentile_clip(
     updates: Any,
-    state: Any,
+    history: tuple[jax.Array, jax.Array, jax.Array],
     percentile: jax.typing.ArrayLike,
     *,
-    growth: jax.typing.ArrayLike | None,
+    growth: jax.typing.ArrayLike | None = None,
+    scale: jax.typing.ArrayLike = 1.0,
     max_norm=None,
     axis_name: _numerics.AxisName = None,
 ):
   """One step of percentile clipping over a ring buffer of past norms.
 
-  `state` has fields ``clip_threshold``, ``norm_history`` and
-  ``norm_count``. Each finite norm is written to the buffer, capped at
-  ``(1 + growth) * state.clip_threshold`` unless `growth` is None; the
-  threshold is the `percentile` of the buffer, then capped at `max_norm`.
+  `history` is ``(buffer, count, level)``: the ring buffer, its write count
+  and the last `percentile` of it (inf before the first). Each finite norm is
+  written to the buffer, capped at ``(1 + growth) * level`` unless `growth` is
+  None; the new level is the `percentile` of the buffer, and the threshold is
+  ``scale * level``, capped at `max_norm`.
 
-  Returns ``(updates, (grad_norm, threshold, scale, norm_history,
-  norm_count))``: the fields of the new state, in that order.
+  Returns ``(updates, history, (grad_norm, threshold, clip_scale))``.
   """
 
   def rule(norm, ok, stats):
+    buffer, count, level = stats
     if growth is not None:
-      norm = jnp.minimum(
-          norm, state.clip_threshold * (1 + _numerics.as_f32(growth))
-      )
-    pushed = push(*stats, norm)
-    buffer, count = keep_if_finite(ok, pushed, stats)
-    return percentile_of(buffer, filled(buffer, count), percentile), pushed
+      norm = jnp.minimum(norm, level * (1 + _numerics.as_f32(growth)))
+    pushed = push(buffer, count, norm)
+    buffer, count = keep_if_finite(ok, pushed, (buffer, count))
+    level = percentile_of(buffer, filled(buffer, count), percentile)
+    return _numerics.as_f32(scale) * level, (*pushed, level)
 
-  updates, stats, metrics = adaptive_clip(
-      updates,
-      (state.norm_history, state.norm_count),
-      rule,
-      max_norm=max_norm,
-      axis_name=axis_name,
+  return adaptive_clip(
+      updates, history, rule, max_norm=max_norm, axis_name=axis_name
   )
-  return updates, (*metrics, *stats)

@@ -140,36 +140,37 @@ def test_zclip_matches_reference_code(z, decay, warmup, max_norm, jit):
   assert clipped > 0  # The sequence does exercise the clipping.
 
 
-def adaptive_reference(norms, p, history, growth, max_norm):
-  kept, out, prev = [], [], np.inf
+def adaptive_reference(norms, p, history, growth, scale, max_norm):
+  kept, out, level = [], [], np.inf
   for n in norms:
     if np.isfinite(n):
-      kept = (kept + [min(n, prev * (1 + growth))])[-history:]
-    t = np.percentile(kept, p) if kept else np.inf
-    t = t if max_norm is None else min(t, max_norm)
-    out.append(t)
-    prev = t
+      kept = (kept + [min(n, level * (1 + growth))])[-history:]
+      level = np.percentile(kept, p)
+    t = scale * level if kept else np.inf
+    out.append(t if max_norm is None else min(t, max_norm))
   return out
 
 
-@pytest.mark.parametrize("p,history,growth,max_norm", [
-    (10.0, 100, 0.01, 1.0),
-    (50.0, 5, 0.1, None),
-    (90.0, 3, 0.0, 20.0),
+@pytest.mark.parametrize("p,history,growth,scale,max_norm", [
+    (50.0, 100, 0.01, 0.1, None),
+    (10.0, 5, 0.1, 1.0, 1.0),
+    (90.0, 3, 0.0, 0.5, 20.0),
 ])
-def test_adaptive_matches_reference(p, history, growth, max_norm):
+def test_adaptive_matches_reference(p, history, growth, scale, max_norm):
   seq = norm_sequence(2, 40, bad=(0, 5))
-  tx = clipkit.adaptive(p, history, growth=growth, max_norm=max_norm)
+  tx = clipkit.adaptive(p, history, growth=growth, scale=scale,
+                        max_norm=max_norm)
   outs, states = run(tx, seq)
   expected = adaptive_reference([np_norm(g) for g in seq], p, history, growth,
-                                max_norm)
+                                scale, max_norm)
   for g, u, s, t in zip(seq, outs, states, expected):
     np.testing.assert_allclose(s.clip_threshold, t, rtol=1e-5)
     check_clipped_to(g, u, t)
 
 
 STATS = {  # strategy -> its state fields that are statistics, not metrics
-    "adaptive": (clipkit.adaptive, ("norm_history", "norm_count")),
+    "adaptive": (clipkit.adaptive,
+                 ("norm_history", "norm_count", "norm_level")),
     "autoclip": (clipkit.autoclip, ("norm_history", "norm_count")),
     "zclip": (lambda: clipkit.zclip(warmup=2),
               ("norm_mean", "norm_var", "warmup_norms", "warmup_count")),
@@ -203,7 +204,7 @@ def test_non_finite_step_leaves_statistics_unchanged(name, bad):
 
 
 def test_huge_finite_gradients_are_clipped_not_zeroed():
-  tx = clipkit.adaptive()
+  tx = clipkit.adaptive(max_norm=1.0)
   g = {"w": jnp.full((1000,), 100.0, jnp.float16)}
   out, state = tx.update(g, tx.init(g))
   assert np.all(np.asarray(out["w"], np.float32) > 0)
@@ -227,6 +228,7 @@ def test_huge_finite_gradients_are_clipped_not_zeroed():
     (clipkit.autoclip, "max_norm", -1.0, "a non-negative number"),
     (clipkit.adaptive, "max_norm", "1", "a non-negative number"),
     (clipkit.adaptive, "growth", -0.1, "a non-negative number"),
+    (clipkit.adaptive, "scale", -0.1, "a non-negative number"),
 ])
 def test_bad_arguments_raise_at_construction(factory, arg, bad, message):
   with pytest.raises(ValueError, match=f"`{arg}` must be {message}, got"):
@@ -278,5 +280,8 @@ def test_adaptive_defaults_tame_exploding_sgd():
   assert not np.isfinite(unclipped)
   y_var = np.var(np.asarray(demo.make_regression()[1]))
   assert clipped < 0.05 * y_var
-  # The threshold never rose above the default ceiling.
-  assert np.all(np.asarray(metrics["clip_threshold"]) <= 1.0)
+  # Step 1 is clipped, to a tenth of its norm, and so are most steps.
+  norms = np.asarray(metrics["grad_norm"])
+  thresholds = np.asarray(metrics["clip_threshold"])
+  np.testing.assert_allclose(thresholds[0], 0.1 * norms[0], rtol=1e-5)
+  assert np.mean(thresholds < norms) > 0.9

@@ -1,0 +1,35 @@
+"""The benchmark scripts run (smoke runs: their figures are not checked)."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+BENCHMARKS = pathlib.Path(__file__).parent.parent / "benchmarks"
+
+
+def run(script, tmp_path):
+  out = tmp_path / "out.json"
+  proc = subprocess.run(
+      [sys.executable, str(BENCHMARKS / script), "--quick", "--json", str(out)],
+      capture_output=True, text=True, timeout=600, check=False,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout, json.loads(out.read_text())
+
+
+def test_run_quick(tmp_path):
+  stdout, results = run("run.py", tmp_path)
+  assert "## Step time" in stdout and "## Compile time" in stdout
+  assert {"step", "compile", "memory", "stateful"} <= set(results)
+  for row in results["step"]:
+    assert row["vs_optax"] > 0
+
+
+@pytest.mark.slow
+def test_exploding_quick(tmp_path):
+  stdout, results = run("exploding.py", tmp_path)
+  assert "median / worst" in stdout
+  assert len(results) == 4
