@@ -139,10 +139,7 @@ def adaptive(
     >>> float(clipkit.metrics(state)["clip_threshold"])  # 0.1 * 50
     5.0
   """
-  _validation.check_number(
-      "percentile", percentile, low=0.0, high=100.0,
-      expected="a number in [0, 100]",
-  )
+  _validation.check_percentile("percentile", percentile)
   size = _validation.check_int("history", history, low=1)
   _validation.check_threshold("scale", scale)
   _validation.check_threshold("growth", growth)

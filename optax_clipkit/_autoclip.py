@@ -102,10 +102,7 @@ def autoclip(
     Seetharaman et al., `AutoClip: Adaptive Gradient Clipping for Source
     Separation Networks <https://arxiv.org/abs/2007.14469>`_, 2020
   """
-  _validation.check_number(
-      "percentile", percentile, low=0.0, high=100.0,
-      expected="a number in [0, 100]",
-  )
+  _validation.check_percentile("percentile", percentile)
   size = _validation.check_int("history", history, low=1)
   _validation.check_optional_threshold("max_norm", max_norm)
 

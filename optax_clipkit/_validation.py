@@ -67,6 +67,12 @@ def check_threshold(name: str, value: Any) -> None:
   check_number(name, value, low=0.0, expected="a non-negative number")
 
 
+def check_percentile(name: str, value: Any) -> None:
+  """A percentile: a number in [0, 100]."""
+  check_number(name, value, low=0.0, high=100.0,
+               expected="a number in [0, 100]")
+
+
 def check_optional_threshold(name: str, value: Any) -> None:
   if value is not None:
     check_threshold(name, value)
