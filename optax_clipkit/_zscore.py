@@ -89,7 +89,9 @@ def zclip(
 
   A step whose norm is NaN or inf leaves the statistics and counters exactly
   as they were, and its updates pass through unchanged (they stay
-  non-finite). The metrics in the state still report that step.
+  non-finite). The metrics in the state still report that step. Finite
+  updates whose norm is beyond float32's range are clipped to :math:`\mu`
+  after warm-up (the rule's limit as :math:`z \to \infty`).
 
   Args:
     z_threshold: The z-score above which a norm is clipped, > 0.
@@ -147,7 +149,6 @@ def zclip(
     )
 
   def rule(norm, ok, stats):
-    del ok  # The threshold is inf or derived from `norm` only when z > thr.
     mean, var, norms, count = stats
     zt = _numerics.as_f32(z_threshold)
     beta = _numerics.as_f32(decay)
@@ -160,9 +161,11 @@ def zclip(
     # After warm-up: the z-score and the reciprocal rule.
     std = jnp.sqrt(var)
     z = (norm - mean) / (std + _numerics.as_f32(eps))
-    spike = warm & (z > zt)
-    safe_z = jnp.where(spike, z, 1.0)
-    clipped = mean + zt * zt / safe_z * std
+    # A norm beyond float32 (finite updates that overflow it) is the limit
+    # z -> inf of the rule: clip to mu. (Its statistics are not kept.)
+    spike = warm & ((z > zt) | ~ok)
+    safe_z = jnp.where(spike & ok, z, 1.0)
+    clipped = jnp.where(ok, mean + zt * zt / safe_z * std, mean)
     target = jnp.where(spike, clipped, norm)
     new_mean = beta * mean + (1 - beta) * target
     new_var = beta * var + (1 - beta) * jnp.square(target - new_mean)

@@ -213,6 +213,24 @@ def test_huge_finite_gradients_are_clipped_not_zeroed():
   np.testing.assert_allclose(state.grad_norm, 100 * np.sqrt(1000), rtol=1e-3)
 
 
+@pytest.mark.parametrize("name", sorted(STATS))
+def test_norm_beyond_float32_is_clipped_after_warmup(name):
+  # Finite float32 updates whose norm overflows float32 are still clipped to
+  # a finite threshold once there are statistics, never passed through.
+  tx = STATS[name][0]()
+  update = jax.jit(tx.update)
+  seq = norm_sequence(5, 4)
+  state = tx.init(seq[0])
+  for g in seq:
+    _, state = update(g, state)
+  big = jax.tree.map(lambda x: np.full_like(x, 3e38), seq[0])
+  out, after = update(big, state)
+  flat = np.concatenate([np.ravel(x) for x in jax.tree.leaves(out)])
+  assert np.all(np.isfinite(flat)) and np.all(flat > 0)
+  np.testing.assert_allclose(np.linalg.norm(flat.astype(np.float64)),
+                             after.clip_threshold, rtol=1e-4)
+
+
 @pytest.mark.parametrize("factory,arg,bad,message", [
     (clipkit.autoclip, "percentile", 100.5, "a number in \\[0, 100\\]"),
     (clipkit.autoclip, "percentile", -1.0, "a number in \\[0, 100\\]"),
