@@ -1,8 +1,9 @@
 """Exploding-gradient tasks: adaptive strategies against fixed thresholds.
 
-Two tasks from `optax_clipkit.demo` (the regression with unscaled targets,
-and a vanilla tanh RNN on the adding problem through 30 steps), each trained
-with SGD + momentum and with Adam. Every strategy is compared with a grid of
+Three tasks: the regression with unscaled targets and a vanilla tanh RNN on
+the adding problem through 30 steps (both from `optax_clipkit.demo`), and a
+Flax LSTM with a dense head on the same adding problem; each trained with SGD
++ momentum and with Adam. Every strategy is compared with a grid of
 fixed global-norm thresholds (0.1 to 10) chosen in hindsight: the figure is
 final loss / best fixed-threshold loss, the median over seeds (inf means
 diverged). Run: ``python benchmarks/exploding.py [--quick] [--json F]``.
@@ -13,7 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -28,6 +31,8 @@ OPTIMIZERS = {
     ("regression", "adam"): 0.03,
     ("adding", "sgd"): 0.1,
     ("adding", "adam"): 0.003,
+    ("lstm", "sgd"): 1.0,
+    ("lstm", "adam"): 0.01,
     # A control: the same regression with standardised targets, where
     # nothing explodes and clipping can only get in the way.
     ("control", "sgd"): 0.01,
@@ -43,6 +48,30 @@ STRATEGIES = {
 }
 
 
+class _LSTM(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.RNN(nn.OptimizedLSTMCell(32))(x)
+    return nn.Dense(1)(h[:, -1])[:, 0]
+
+
+def lstm_task(steps):
+  """An LSTM (32 units) with a dense head on the adding problem (30 steps)."""
+  adding = demo.adding_task(steps=steps)
+  model = _LSTM()
+  keys = jax.random.split(jax.random.PRNGKey(123), 16)
+  test = jax.tree.map(lambda *b: jnp.concatenate(b),
+                      *[adding.sample(k) for k in keys])
+
+  def loss(params, batch):
+    return jnp.mean(jnp.square(model.apply(params, batch[0]) - batch[1]))
+
+  return demo.Task(init=lambda key: model.init(key, test[0][:1]), loss=loss,
+                   sample=adding.sample, evaluate=lambda p: loss(p, test),
+                   steps=steps)
+
+
 def optimizer(task: str, name: str):
   lr = OPTIMIZERS[(task, name)]
   return optax.sgd(lr, momentum=0.9) if name == "sgd" else optax.adam(lr)
@@ -56,6 +85,7 @@ def final_loss(task, clip, opt, seed):
 def study(seeds: int, steps: int) -> dict:
   tasks = {"regression": demo.regression_task(steps=steps),
            "adding": demo.adding_task(steps=steps),
+           "lstm": lstm_task(steps),
            "control": demo.regression_task(steps=steps, standardize=True)}
   rows = {}
   for (tname, oname) in OPTIMIZERS:

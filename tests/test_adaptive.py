@@ -12,16 +12,20 @@ from optax_clipkit import demo
 
 
 def norm_sequence(seed, steps, bad=()):
-  """Gradients whose global norms wander over decades, with spikes.
+  """Gradients whose global norms drift over decades, with noise and spikes.
 
-  Steps listed in `bad` hold a NaN or an inf.
+  The log-norm follows a slow wave of +-2 decades plus noise of +-0.5; every
+  ninth step after step 25 is a spike of 1e4 times. Steps listed in `bad`
+  hold a NaN or an inf.
   """
   rng = np.random.default_rng(seed)
   out = []
   for t in range(steps):
     g = {"a": rng.standard_normal(5).astype(np.float32),
          "b": [rng.standard_normal((2, 3)).astype(np.float32)]}
-    scale = np.float32(10.0 ** rng.uniform(-2, 2) * (1e4 if t % 9 == 8 and t > 25 else 1))
+    log_scale = 2 * np.sin(t / 30) + rng.uniform(-0.5, 0.5)
+    spike = 1e4 if t % 9 == 8 and t > 25 else 1.0
+    scale = np.float32(10.0**log_scale * spike)
     g = jax.tree.map(lambda x, s=scale: x * s, g)
     if t in bad:
       g["a"][t % 5] = np.nan if t % 2 else np.inf
@@ -75,7 +79,8 @@ def autoclip_reference(norms, p, history, max_norm):
     (37.5, 5, 0.5, True),
 ])
 def test_autoclip_matches_paper(p, history, max_norm, jit):
-  seq = norm_sequence(0, 14, bad=(3, 8))
+  # Eager runs op by op: a shorter sequence keeps them quick.
+  seq = norm_sequence(0, 300 if jit else 60, bad=(3, 8, 150))
   outs, states = run(clipkit.autoclip(p, history, max_norm=max_norm), seq, jit)
   norms = [np_norm(g) for g in seq]
   expected = autoclip_reference(norms, p, history, max_norm)
@@ -125,7 +130,7 @@ class ZClipReference:
     (2.0, 0.8, 5, 0.1, True),
 ])
 def test_zclip_matches_reference_code(z, decay, warmup, max_norm, jit):
-  seq = norm_sequence(1, 40, bad=(2, 11, 30))
+  seq = norm_sequence(1, 300 if jit else 60, bad=(2, 11, 30, 200))
   tx = clipkit.zclip(z, decay, warmup, max_norm=max_norm)
   outs, states = run(tx, seq, jit)
   ref = ZClipReference(z, decay, warmup, 1e-6, max_norm)
@@ -136,7 +141,8 @@ def test_zclip_matches_reference_code(z, decay, warmup, max_norm, jit):
     clipped += np_norm(g) > t
     if ref.mean is not None:
       np.testing.assert_allclose(s.norm_mean, ref.mean, rtol=1e-5)
-      np.testing.assert_allclose(s.norm_std, ref.var ** 0.5, rtol=1e-4)
+      np.testing.assert_allclose(s.norm_std, ref.var ** 0.5, rtol=1e-4,
+                                 atol=1e-6 * ref.mean)
   assert clipped > 0  # The sequence does exercise the clipping.
 
 
@@ -157,7 +163,7 @@ def adaptive_reference(norms, p, history, growth, scale, max_norm):
     (90.0, 3, 0.0, 0.5, 20.0),
 ])
 def test_adaptive_matches_reference(p, history, growth, scale, max_norm):
-  seq = norm_sequence(2, 40, bad=(0, 5))
+  seq = norm_sequence(2, 300, bad=(0, 5, 100))
   tx = clipkit.adaptive(p, history, growth=growth, scale=scale,
                         max_norm=max_norm)
   outs, states = run(tx, seq)
