@@ -91,13 +91,13 @@ def adaptive(
     norms as training progresses rather than remembering the early steps.
 
   On the exploding-gradient tasks of ``benchmarks/exploding.py`` (an MLP
-  regression with unscaled targets and a vanilla RNN through 30 steps, each
-  with SGD + momentum and with Adam; median of 3 seeds) these defaults never
-  diverged. Against the best fixed threshold in hindsight they ended 16x
-  better on the regression with SGD and 9x better with Adam (the threshold
-  anneals with the norms), but 4.9x worse on the RNN with SGD and 3x with
-  Adam: a median of 1.6x. The price is paid where nothing explodes: on the
-  same regression with standardised targets, SGD ended about 12x worse than
+  regression with unscaled targets, a vanilla RNN and an LSTM through 30
+  steps, each with SGD + momentum and with Adam; median of 3 seeds) these
+  defaults never diverged. Against the best fixed threshold in hindsight they
+  ended 16x better on the regression with SGD and 9x better with Adam (the
+  threshold anneals with the norms), but 3-7x worse on the recurrent
+  networks. The price is also paid where nothing explodes: on the same
+  regression with standardised targets, SGD ended about 12x worse than
   without clipping (the rule behaves like a smaller learning rate), while
   Adam did as well as without clipping. If your gradients do not explode and
   you train with SGD, prefer :func:`global_norm` with a generous threshold,
