@@ -32,4 +32,4 @@ def test_run_quick(tmp_path):
 def test_exploding_quick(tmp_path):
   stdout, results = run("exploding.py", tmp_path)
   assert "median / worst" in stdout
-  assert len(results) == 4
+  assert len(results) == 8  # 4 tasks, each with SGD and with Adam.
