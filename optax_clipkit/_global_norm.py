@@ -50,8 +50,9 @@ def clip_global(updates, threshold, norm: _numerics.Norm | None = None,
   """
   leaves, treedef = jax.tree.flatten(updates)
   if norm is None:
-    norm = _numerics.global_norm(leaves, axis_name)
-  scale = _numerics.clip_to(norm, threshold)
+    norm, scale = _numerics.clip_norms(leaves, threshold, axis_name)
+  else:
+    scale = _numerics.clip_to(norm, threshold)
   out = [_numerics.scale_leaf(x, scale.k, scale.c) for x in leaves]
   return jax.tree.unflatten(treedef, out), norm, scale
 

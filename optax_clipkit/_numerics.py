@@ -9,10 +9,12 @@ are overflow-safe without slowing the common case:
    with ``k`` a power of two (``2**-100`` or ``2**100``) that brings the sums
    into range.
 
-Both passes are one `lax.while_loop` body, so the per-leaf reductions are
-compiled once (a `lax.cond` would compile them twice). Multiplying by a power
-of two is exact, and results are applied as ``(x * k) * c``, so a gradient of
-any finite size is scaled in its own direction and never to zero or NaN.
+The first pass is a plain convert-square-sum: XLA:CPU runs a reduction
+with a runtime scalar operand several times slower. The second pass sits in
+a `lax.cond` branch, so it costs nothing at run time unless taken. Multiplying
+by a power of two is exact, and results are applied as ``(x * k) * c``, so a
+gradient of any finite size is scaled in its own direction and never to zero
+or NaN.
 
 The per-leaf sums are gathered by `stack_scalars`, which keeps compile time
 linear in the number of leaves.
@@ -87,42 +89,47 @@ def _in_range(q: jax.Array) -> jax.Array:
   return q < jnp.inf  # False for inf and NaN.
 
 
-def _two_pass_sumsq(leaves, axis_name, per_leaf):
-  """Per-leaf squared norms, with a second pass only where needed.
+def _in_range_then(leaves, axis_name, per_leaf, then):
+  """``then(q, k)`` on squared norms brought into range; returns its result.
 
-  Returns ``(first, last, k)``: tuples of per-leaf sums of squares of ``x``
-  (first pass) and of ``x * k`` (last pass), and the scalar power of two
-  `k`.
-  If the first pass is in range, there is no second pass: ``k = 1`` and
-  ``last`` is ``first``. Otherwise the second pass uses ``k = 2**-100`` (a
-  sum overflowed: with `per_leaf` any leaf's, else the total) or, unless
-  `per_leaf`, ``k = 2**100`` (the whole tree's total underflowed).
+  `q` holds the sums of squares of ``x * k``: per leaf (a vector) with
+  `per_leaf`, else the whole tree's total (a scalar); `k` is a power of two
+  of the same shape. One pass computes the sums of squares of ``x``; if they
+  are in range, ``k = 1`` and there is no second pass. Otherwise a second
+  pass runs on ``x * 2**-100`` (a sum overflowed: with `per_leaf` any
+  leaf's, else the total) or, unless `per_leaf`, on ``x * 2**100`` (the
+  total underflowed); with `per_leaf` only the leaves that overflowed take
+  its sums.
+
+  `then` runs inside both branches of a `lax.cond`, so its results are
+  materialized once: each leaf's scaling kernel then reads its factors
+  rather than recomputing them from the sums.
   """
   dtype = norm_dtype(leaves)
-  tiny = jnp.finfo(dtype).tiny
-  one = jnp.ones((), dtype)
+  first = _psum(stack_scalars(_leaf_sumsq(leaves, None, dtype)), axis_name)
+  if per_leaf:
+    ok = _in_range(first)
+    redo = ~jnp.all(ok)
+    k = jnp.asarray(_DOWN, dtype)
+  else:
+    total = jnp.sum(first)
+    redo = ~_in_range(total) | (total < jnp.finfo(dtype).tiny)
+    k = jnp.where(_in_range(total), jnp.asarray(_UP, dtype),
+                  jnp.asarray(_DOWN, dtype))
 
-  def next_k(q):
+  def fast():
+    q = first if per_leaf else total
+    return then(q, jnp.ones_like(q))
+
+  def slow():
+    last = _psum(stack_scalars(_leaf_sumsq(leaves, k, dtype)), axis_name)
     if per_leaf:
-      overflow = ~jnp.all(_in_range(stack_scalars(q)))
-      return jnp.where(overflow, jnp.asarray(_DOWN, dtype), one)
-    total = jnp.sum(stack_scalars(q))
-    return jnp.where(
-        _in_range(total),
-        jnp.where(total < tiny, jnp.asarray(_UP, dtype), one),
-        jnp.asarray(_DOWN, dtype),
-    )
+      return then(jnp.where(ok, first, last), jnp.where(ok, 1, k))
+    return then(jnp.sum(last), k)
 
-  first = _psum(_leaf_sumsq(leaves, None, dtype), axis_name)
-  k = next_k(first)
-  # The second pass runs only if the first went out of range; its branch is
-  # compiled apart, so the first pass stays a plain, fast reduction.
-  last = lax.cond(
-      k != 1,
-      lambda: _psum(_leaf_sumsq(leaves, k, dtype), axis_name),
-      lambda: first,
-  )
-  return first, last, k
+  # The second pass sits in a branch compiled apart, so the first stays a
+  # plain, fast reduction and the second costs nothing unless taken.
+  return lax.cond(redo, slow, fast)
 
 
 class Norm(NamedTuple):
@@ -144,34 +151,46 @@ def _norm(q: jax.Array, k: jax.Array) -> Norm:
   return Norm(scaled / k, scaled, k)
 
 
+def _empty_norm(per_leaf: bool) -> Norm:
+  zero = jnp.zeros((0,) if per_leaf else (), jnp.float32)
+  return Norm(zero, zero, jnp.ones_like(zero))
+
+
 def global_norm(leaves: Sequence[jax.Array], axis_name: AxisName = None) -> Norm:
   """The L2 norm of all `leaves` together (psum'd over `axis_name`)."""
   if not leaves:
-    return _norm(jnp.zeros((), jnp.float32), jnp.ones((), jnp.float32))
-  _, last, k = _two_pass_sumsq(leaves, axis_name, False)
-  return _norm(jnp.sum(stack_scalars(last)), k)
+    return _empty_norm(False)
+  return _in_range_then(leaves, axis_name, False, _norm)
 
 
-def per_leaf_norms(
-    leaves: Sequence[jax.Array], axis_name: AxisName = None
-) -> list[Norm]:
-  """The L2 norm of each leaf, as a list of scalar norms."""
+def clip_norms(
+    leaves: Sequence[jax.Array],
+    threshold: jax.typing.ArrayLike,
+    axis_name: AxisName = None,
+    per_leaf: bool = False,
+) -> tuple[Norm, "Scale"]:
+  """The norm of `leaves` and the factors that clip it to `threshold`.
+
+  With `per_leaf`, one norm per leaf (the fields are vectors); else one
+  norm of the whole tree (scalars).
+  """
   if not leaves:
-    return []
-  first, last, k = _two_pass_sumsq(leaves, axis_name, True)
-  norms = []
-  for q1, q in zip(first, last):
-    ok = _in_range(q1)
-    norms.append(_norm(jnp.where(ok, q1, q), jnp.where(ok, jnp.ones_like(k), k)))
-  return norms
+    norm = _empty_norm(per_leaf)
+    return norm, clip_to(norm, threshold)
+
+  def then(q, k):
+    norm = _norm(q, k)
+    return norm, clip_to(norm, threshold)
+
+  return _in_range_then(leaves, axis_name, per_leaf, then)
 
 
-def total_norm(norms: Sequence[Norm]) -> Norm:
+def total_norm(norms: Norm) -> Norm:
   """The norm of all leaves from their per-leaf norms, without overflow."""
-  if not norms:
+  if not norms.scaled.size:
     return _norm(jnp.zeros((), jnp.float32), jnp.ones((), jnp.float32))
-  q = jnp.square(stack_scalars([n.scaled for n in norms]))
-  k = stack_scalars([n.k for n in norms])
+  q = jnp.square(norms.scaled)
+  k = norms.k
   # Bring every leaf to the smallest k. The ratios are exact powers of two
   # (1 or 2**-100) and are applied one at a time, since their squares could
   # underflow where the products do not.

@@ -95,18 +95,17 @@ def per_leaf_norm(
   def update_fn(updates, state, params=None):
     del state, params
     leaves, treedef = jax.tree.flatten(updates)
-    norms = _numerics.per_leaf_norms(leaves, axis_name)
-    scales = [_numerics.clip_to(n, max_norm) for n in norms]
-    out = [_numerics.scale_leaf(x, s.k, s.c) for x, s in zip(leaves, scales)]
-    stack = _numerics.stack_scalars
+    norms, scale = _numerics.clip_norms(leaves, max_norm, axis_name, True)
+    out = [_numerics.scale_leaf(x, scale.k[i], scale.c[i])
+           for i, x in enumerate(leaves)]
     new_state = PerLeafNormState(
         grad_norm=_numerics.as_f32(_numerics.total_norm(norms).value),
         clip_threshold=_numerics.as_f32(max_norm),
         clip_scale=_numerics.as_f32(
-            jnp.min(stack([s.applied for s in scales])) if leaves else 1.0
+            jnp.min(scale.applied) if leaves else 1.0
         ),
         clipped_fraction=_numerics.as_f32(
-            jnp.mean(stack([s.clipped for s in scales])) if leaves else 0.0
+            jnp.mean(scale.clipped) if leaves else 0.0
         ),
     )
     return jax.tree.unflatten(treedef, out), new_state
