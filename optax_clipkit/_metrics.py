@@ -64,7 +64,7 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
     clipped; for `per_leaf_norm`, the smallest factor of any leaf).
 
   `value` reports ``clip_threshold`` and ``clipped_fraction`` (the fraction of
-  elements that were clipped); `per_leaf_norm` adds ``clipped_fraction`` (the
+  elements that were clipped; absent with ``count_clipped=False``); `per_leaf_norm` adds ``clipped_fraction`` (the
   fraction of leaves that were clipped). Adaptive strategies add their own
   statistics. Before the first update every metric holds its initial value
   (zero, and 1.0 for ``clip_scale``).
@@ -107,5 +107,6 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
   out = {}
   for prefix, (_, state) in zip(prefixes, states):
     for field in _METRIC_FIELDS[type(state)]:
-      out[prefix + field] = getattr(state, field)
+      if getattr(state, field) is not None:  # A metric turned off.
+        out[prefix + field] = getattr(state, field)
   return out

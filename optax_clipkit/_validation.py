@@ -78,14 +78,26 @@ def check_optional_threshold(name: str, value: Any) -> None:
     check_threshold(name, value)
 
 
-def check_int(name: str, value: Any, *, low: int) -> int:
-  """A structural integer (fixes a shape): a concrete int >= `low`."""
+def _check_static(name: str, value: Any) -> None:
   if isinstance(value, jax.core.Tracer):
     raise ValueError(
         f"`{name}` fixes the shape of the state, so it cannot be traced; got"
         f" {value!r}. With `optax.inject_hyperparams`, list it in"
         f" `static_args=({name!r},)`."
     )
+
+
+def check_bool(name: str, value: Any) -> bool:
+  """A structural flag: a concrete bool."""
+  _check_static(name, value)
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"`{name}` must be a bool, got {value!r}.")
+  return bool(value)
+
+
+def check_int(name: str, value: Any, *, low: int) -> int:
+  """A structural integer (fixes a shape): a concrete int >= `low`."""
+  _check_static(name, value)
   if isinstance(value, (np.ndarray, jax.Array)) and value.shape == ():
     value = value.item()
   if (

@@ -1,5 +1,7 @@
 """One suite over every strategy: a new strategy joins with one registry line."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -28,6 +30,8 @@ REGISTRY = {
     "per_leaf_norm": (clipkit.per_leaf_norm, {"max_norm": 0.5}),
     "per_module": (per_module, {"max_norm": 1.0}),
     "value": (clipkit.value, {"max_value": 0.3}),
+    "value_uncounted": (functools.partial(clipkit.value, count_clipped=False),
+                        {"max_value": 0.3}),
     "zclip": (clipkit.zclip, {"z_threshold": 2.5, "max_norm": 1.0}),
 }
 NAMES = sorted(REGISTRY)

@@ -93,6 +93,23 @@ def test_value_matches_numpy(leaves, c):
       atol=1e-6)
 
 
+def test_value_without_count_clips_alike_and_drops_the_metric():
+  leaves = [np.array([3.0, -0.5, -2.0], np.float32), np.array([0.25], np.float32)]
+  counted, _ = apply(clipkit.value(1.0), leaves)
+  out, state = apply(clipkit.value(1.0, count_clipped=False), leaves)
+  for a, b in zip(out, counted):
+    np.testing.assert_array_equal(a, b)
+  assert state.clipped_fraction is None
+  assert set(clipkit.metrics(state)) == {"clip_threshold"}
+
+
+@pytest.mark.parametrize("bad", [1, "yes", None])
+def test_value_count_flag_must_be_bool(bad):
+  with pytest.raises(TypeError, match=re.escape(
+      f"`count_clipped` must be a bool, got {bad!r}")):
+    clipkit.value(1.0, count_clipped=bad)
+
+
 def test_matches_optax_on_ordinary_inputs():
   g = {"a": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(4)}
   ours, _ = clipkit.global_norm(2.0).update(g, None)
