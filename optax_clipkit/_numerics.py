@@ -89,6 +89,14 @@ def _in_range(q: jax.Array) -> jax.Array:
   return q < jnp.inf  # False for inf and NaN.
 
 
+# Leaves with fewer elements are "small". XLA:CPU compiles a reduction of a
+# small array to a loop that takes about ten times longer to compile than the
+# library call it uses for larger ones, so small leaves get one set of
+# reductions for both passes (the runtime factor costs them nothing), while
+# large leaves keep a plain first pass, which runs faster.
+_SMALL = 4096
+
+
 def _in_range_then(leaves, axis_name, per_leaf, then):
   """``then(q, k)`` on squared norms brought into range; returns its result.
 
@@ -101,35 +109,75 @@ def _in_range_then(leaves, axis_name, per_leaf, then):
   total underflowed); with `per_leaf` only the leaves that overflowed take
   its sums.
 
-  `then` runs inside both branches of a `lax.cond`, so its results are
-  materialized once: each leaf's scaling kernel then reads its factors
-  rather than recomputing them from the sums.
+  Both passes are iterations of one loop, so small leaves' reductions
+  compile once. A large leaf's first pass is a plain reduction
+  outside the loop, and its second sits in a `lax.cond` branch: it costs
+  nothing unless taken. `then` runs in the loop, so its results are
+  materialized once: each leaf's scaling kernel reads its factors rather
+  than recomputing them from the sums.
   """
   dtype = norm_dtype(leaves)
-  first = _psum(stack_scalars(_leaf_sumsq(leaves, None, dtype)), axis_name)
-  if per_leaf:
-    ok = _in_range(first)
-    redo = ~jnp.all(ok)
-    k = jnp.asarray(_DOWN, dtype)
-  else:
-    total = jnp.sum(first)
-    redo = ~_in_range(total) | (total < jnp.finfo(dtype).tiny)
-    k = jnp.where(_in_range(total), jnp.asarray(_UP, dtype),
-                  jnp.asarray(_DOWN, dtype))
+  small = [x.size < _SMALL for x in leaves]
+  large = [x for x, s in zip(leaves, small) if not s]
+  large_first = _leaf_sumsq(large, None, dtype)
+  one = jnp.ones((), dtype)
 
-  def fast():
-    q = first if per_leaf else total
-    return then(q, jnp.ones_like(q))
+  def sums(k):
+    """Per-leaf sums of squares of ``x * k``, in leaf order."""
+    large_sums = iter(lax.cond(
+        k == 1, lambda: large_first, lambda: _leaf_sumsq(large, k, dtype)
+    ) if large else ())
+    small_sums = iter(_leaf_sumsq(
+        [x for x, s in zip(leaves, small) if s], k, dtype))
+    return _psum(stack_scalars(
+        [next(small_sums if s else large_sums) for s in small]), axis_name)
 
-  def slow():
-    last = _psum(stack_scalars(_leaf_sumsq(leaves, k, dtype)), axis_name)
+  def body(carry):
+    k, first, _, _ = carry
+    q = sums(k)
+    is_first = k == 1
+    first = jnp.where(is_first, q, first)
     if per_leaf:
-      return then(jnp.where(ok, first, last), jnp.where(ok, 1, k))
-    return then(jnp.sum(last), k)
+      ok = _in_range(first)
+      out = then(jnp.where(ok, first, q), jnp.where(ok, 1, k))
+      again = is_first & ~jnp.all(ok)
+      next_k = jnp.asarray(_DOWN, dtype)
+    else:
+      total = jnp.sum(q)
+      out = then(total, k)
+      again = is_first & (~_in_range(total) | (total < jnp.finfo(dtype).tiny))
+      next_k = jnp.where(_in_range(total), jnp.asarray(_UP, dtype),
+                         jnp.asarray(_DOWN, dtype))
+    return jnp.where(again, next_k, k), first, out, again
 
-  # The second pass sits in a branch compiled apart, so the first stays a
-  # plain, fast reduction and the second costs nothing unless taken.
-  return lax.cond(redo, slow, fast)
+  first = jnp.zeros((len(leaves),), dtype)
+  q0 = first if per_leaf else first[0]
+  out = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                     jax.eval_shape(then, q0, q0))
+  init = _vary_like((one, first, out, jnp.ones((), bool)), leaves, axis_name)
+  # A scan of two steps, each running only if asked to, rather than a
+  # `lax.while_loop`: reverse-mode autodiff goes through it.
+  step = lambda c, _: (lax.cond(c[3], body, lambda c: c, c), None)
+  return lax.scan(step, init, length=2)[0][2]
+
+
+def _vary_like(values, leaves, axis_name: AxisName):
+  """Marks constant `values` as varying like the norms of `leaves`.
+
+  Under `shard_map`, a loop's initial carry must vary over the same mesh axes
+  as its body's results: those the leaves vary over, less `axis_name`.
+  """
+  if not hasattr(lax, "pcast"):  # Older JAX does not track this.
+    return values
+  axes = set()
+  for x in leaves:
+    kind = getattr(jax.typeof(x), "manual_axis_type", None)
+    axes |= set(kind.varying) if kind is not None else set()
+  axes -= set(axis_name if isinstance(axis_name, tuple) else (axis_name,))
+  if not axes:
+    return values
+  return jax.tree.map(lambda v: lax.pcast(v, tuple(axes), to="varying"),
+                      values)
 
 
 class Norm(NamedTuple):
