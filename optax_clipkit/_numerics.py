@@ -9,12 +9,13 @@ are overflow-safe without slowing the common case:
    with ``k`` a power of two (``2**-100`` or ``2**100``) that brings the sums
    into range.
 
-The first pass is a plain convert-square-sum: XLA:CPU runs a reduction
-with a runtime scalar operand several times slower. The second pass sits in
-a `lax.cond` branch, so it costs nothing at run time unless taken. Multiplying
-by a power of two is exact, and results are applied as ``(x * k) * c``, so a
-gradient of any finite size is scaled in its own direction and never to zero
-or NaN.
+Large leaves' first pass is a plain convert-square-sum (XLA:CPU runs a
+reduction with a runtime scalar operand several times slower), and their
+second sits in a `lax.cond` branch that costs nothing unless taken. Small
+leaves' reductions serve both passes (see `_in_range_then`), which keeps
+compile time down. Multiplying by a power of two is exact, and results are
+applied as ``(x * k) * c``, so a gradient of any finite size is scaled in its
+own direction and never to zero or NaN.
 
 The per-leaf sums are gathered by `stack_scalars`, which keeps compile time
 linear in the number of leaves.

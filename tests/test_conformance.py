@@ -199,8 +199,9 @@ def test_sharded_inputs(name):
   assert jax.device_count() == 8, "conftest must set 8 host devices"
   mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
   g = {
-      "w": jax.random.normal(jax.random.PRNGKey(0), (64, 32)),
-      "b": jax.random.normal(jax.random.PRNGKey(1), (32,)),
+      # 8192 elements: a large leaf, next to small ones.
+      "w": jax.random.normal(jax.random.PRNGKey(0), (128, 64)),
+      "b": jax.random.normal(jax.random.PRNGKey(1), (64,)),
       "r": jax.random.normal(jax.random.PRNGKey(2), (8,)),
   }
   specs = {"w": P("data", "model"), "b": P("model"), "r": P()}

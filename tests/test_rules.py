@@ -124,7 +124,10 @@ def test_matches_optax_on_ordinary_inputs():
     "dtype,value,size",
     [(jnp.float16, 100.0, 1000), (jnp.bfloat16, 1e20, 1000),
      (jnp.float32, 1e20, 1000), (jnp.float32, 3e38, 10),
-     (jnp.float32, 1e-30, 10)],
+     (jnp.float32, 1e-30, 10),
+     # A large leaf next to a small one: the two take different passes.
+     (jnp.bfloat16, 1e20, 10_000), (jnp.float32, 1e20, 10_000),
+     (jnp.float32, 1e-30, 10_000)],
 )
 @pytest.mark.parametrize("factory", [clipkit.global_norm,
                                      clipkit.per_leaf_norm])
@@ -145,6 +148,10 @@ def test_finite_gradients_of_any_size_keep_direction(factory, dtype, value,
     total = np.sqrt(sum(np.sum(np.asarray(v, np.float64) ** 2)
                         for v in out.values()))
     np.testing.assert_allclose(total, c, rtol=1e-2)
+  elif value > 1:  # Per-leaf norms under ~1e-19 are not clipped (documented).
+    for v in out.values():
+      np.testing.assert_allclose(
+          np.linalg.norm(np.asarray(v, np.float64)), c, rtol=1e-2)
 
 
 @pytest.mark.parametrize("factory,arg", [(clipkit.global_norm, 1.0),
@@ -195,21 +202,31 @@ def test_metrics_keys_plain_and_disambiguated():
   assert clipkit.metrics(optax.adam(1e-3).init(g)) == {}
 
 
-def test_shard_map_axis_name_gives_global_norm():
+@pytest.mark.parametrize("factory", [clipkit.global_norm,
+                                     clipkit.per_leaf_norm])
+def test_shard_map_axis_name_gives_global_norm(factory):
   mesh = Mesh(np.array(jax.devices()), ("d",))
+  # A small leaf and a large one (8192 elements per shard): they take
+  # different passes.
   x = jnp.arange(16.0) - 8.0
+  y = jnp.cos(jnp.arange(8 * 8192.0))
 
   def run(axis_name):
-    tx = clipkit.global_norm(1.0, axis_name=axis_name)
-    f = jax.shard_map(lambda g: tx.update({"x": g}, tx.init({"x": g}))[1]
-                      .grad_norm[None], mesh=mesh, in_specs=P("d"),
-                      out_specs=P("d"))
-    return np.asarray(jax.jit(f)(x))
+    tx = factory(1.0, axis_name=axis_name)
 
-  np.testing.assert_allclose(run("d"), np.linalg.norm(x), rtol=1e-6)
-  # Without axis_name, each device sees the norm of its own shard.
-  local = [np.linalg.norm(s) for s in np.split(np.asarray(x), 8)]
-  np.testing.assert_allclose(run(None), local, rtol=1e-6)
+    def f(x, y):
+      g = {"x": x, "y": y}
+      return tx.update(g, tx.init(g))[1].grad_norm[None]
+
+    f = jax.shard_map(f, mesh=mesh, in_specs=P("d"), out_specs=P("d"))
+    return np.asarray(jax.jit(f)(x, y))
+
+  both = np.concatenate([x, y])
+  np.testing.assert_allclose(run("d"), np.linalg.norm(both), rtol=1e-5)
+  # Without axis_name, each device sees the norm of its own shards.
+  local = [np.linalg.norm(np.concatenate([a, b])) for a, b in
+           zip(np.split(np.asarray(x), 8), np.split(np.asarray(y), 8))]
+  np.testing.assert_allclose(run(None), local, rtol=1e-5)
 
 
 def test_update_is_differentiable():
