@@ -38,6 +38,8 @@ def pairs(with_adamw: bool):
        # closest per-leaf rule (an RMS, not a norm: the same work).
        c(optax.clip_by_block_rms(1.0))),
       ("value", c(clipkit.value(1.0)), c(optax.clip(1.0))),
+      ("value_uncounted", c(clipkit.value(1.0, count_clipped=False)),
+       c(optax.clip(1.0))),
   ]
 
 
@@ -83,7 +85,7 @@ def main():
   print(f"\n## Compile time: {compile_leaves} leaves\n")
   rows = []
   for with_adamw in (False, True):
-    for name, ours, theirs in pairs(with_adamw)[:1 if with_adamw else 3]:
+    for name, ours, theirs in pairs(with_adamw)[:1 if with_adamw else 4]:
       a = _harness.compile_seconds(ours, tree)
       b = _harness.compile_seconds(theirs, tree)
       row = {"strategy": name + (" + adamw" if with_adamw else ""),
