@@ -64,10 +64,11 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
     clipped; for `per_leaf_norm`, the smallest factor of any leaf).
 
   `value` reports ``clip_threshold`` and ``clipped_fraction`` (the fraction of
-  elements that were clipped; absent with ``count_clipped=False``); `per_leaf_norm` adds ``clipped_fraction`` (the
-  fraction of leaves that were clipped). Adaptive strategies add their own
-  statistics. Before the first update every metric holds its initial value
-  (zero, and 1.0 for ``clip_scale``).
+  elements that were clipped; absent with ``count_clipped=False``);
+  `per_leaf_norm` adds ``clipped_fraction`` (the fraction of leaves that were
+  clipped). Adaptive strategies add their own statistics. Before the first
+  update every metric holds its initial value (zero, and 1.0 for
+  ``clip_scale``).
 
   With one clipkit state the keys are plain (``metrics(s)["grad_norm"]``).
   With several, each key is prefixed by the part of the state's path in

@@ -237,7 +237,7 @@ def clip_norms(
 def total_norm(norms: Norm) -> Norm:
   """The norm of all leaves from their per-leaf norms, without overflow."""
   if not norms.scaled.size:
-    return _norm(jnp.zeros((), jnp.float32), jnp.ones((), jnp.float32))
+    return _empty_norm(False)
   q = jnp.square(norms.scaled)
   k = norms.k
   # Bring every leaf to the smallest k. The ratios are exact powers of two
