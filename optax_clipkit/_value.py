@@ -53,6 +53,8 @@ def _count_beyond(x: jax.Array, limit: jax.Array) -> jax.Array:
 def _count_apart(leaves, limit):
   """Sum of `_count_beyond` over `leaves`, in a loop nest of its own on CPU.
 
+  Small leaves are counted in one pack where `_numerics.pack_small` allows.
+
   Fused into the loop that clips (and, in a training step, applies) the
   updates, the count makes XLA:CPU's multi-output loop several times slower
   than the two loops apart; a conditional on a value it cannot fold keeps
@@ -60,8 +62,13 @@ def _count_apart(leaves, limit):
   """
 
   def total(limit):
-    return jnp.sum(_numerics.stack_scalars(
-        [_count_beyond(x, limit) for x in leaves]))
+    pack = _numerics.pack_small(leaves, jnp.float32)
+    packed = set(pack.index) if pack else set()
+    counts = [_count_beyond(x, limit) for i, x in enumerate(leaves)
+              if i not in packed]
+    if pack:
+      counts.append(_count_beyond(pack.data, limit))
+    return jnp.sum(_numerics.stack_scalars(counts))
 
   def apart(limit):
     limit = jax.lax.optimization_barrier(limit)

@@ -12,3 +12,19 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from optax_clipkit import _numerics  # pylint: disable=g-import-not-at-top
+
+
+@pytest.fixture(params=["one_by_one", "packed"])
+def reductions(request, monkeypatch):
+  """Runs a test with small leaves reduced one by one and in one pack.
+
+  With 8 devices small leaves are never packed (a leaf could be sharded);
+  on a single device they are. Both forms must give the same results.
+  """
+  packed = request.param == "packed"
+  monkeypatch.setattr(_numerics, "_can_pack", lambda: packed)
+  return request.param

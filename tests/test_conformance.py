@@ -56,7 +56,7 @@ def grads(dtype=jnp.float32, seed=0):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_jit_equals_eager(name):
+def test_jit_equals_eager(name, reductions):
   tx = make(name)
   g = grads()
   eager, s_eager = tx.update(g, tx.init(g))
@@ -85,7 +85,7 @@ def test_no_retrace(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_inject_hyperparams_equals_plain(name):
+def test_inject_hyperparams_equals_plain(name, reductions):
   factory, kwargs = REGISTRY[name]
   injected = optax.inject_hyperparams(
       factory, static_args=STATIC.get(name, ())
@@ -136,7 +136,7 @@ def test_chain_and_multisteps(name):
         (jnp.float32, jnp.bfloat16, jnp.float16),
     ],
 )
-def test_dtypes_preserved(name, dtypes):
+def test_dtypes_preserved(name, dtypes, reductions):
   tx = make(name)
   g = grads()
   leaves, treedef = jax.tree.flatten(g)
@@ -157,7 +157,7 @@ def test_dtypes_preserved(name, dtypes):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_empty_none_and_masked_leaves(name):
+def test_empty_none_and_masked_leaves(name, reductions):
   tx = make(name)
   for tree in ({}, [], {"a": None}):
     out, state = jax.jit(tx.update)(tree, tx.init(tree))
@@ -171,7 +171,7 @@ def test_empty_none_and_masked_leaves(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_zero_gradients_stay_zero(name):
+def test_zero_gradients_stay_zero(name, reductions):
   tx = make(name)
   g = jax.tree.map(jnp.zeros_like, grads())
   out, state = jax.jit(tx.update)(g, tx.init(g))
@@ -180,7 +180,7 @@ def test_zero_gradients_stay_zero(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_runs_in_scan(name):
+def test_runs_in_scan(name, reductions):
   tx = make(name)
   g = grads()
 

@@ -9,11 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 import optax_clipkit as clipkit
+from optax_clipkit import _numerics
 from optax_clipkit import demo
 
 
@@ -50,9 +51,10 @@ thresholds = st.floats(0.0, 100.0, width=32).filter(
     lambda v: v == 0 or v > 1e-6)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(trees, thresholds)
-def test_global_norm_matches_numpy_and_properties(leaves, c):
+def test_global_norm_matches_numpy_and_properties(reductions, leaves, c):
   out, state = apply(clipkit.global_norm(c), leaves)
   ref, norm = np_global(leaves, c)
   for a, b in zip(out, ref):
@@ -69,9 +71,10 @@ def test_global_norm_matches_numpy_and_properties(leaves, c):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(trees, thresholds)
-def test_per_leaf_norm_matches_numpy(leaves, c):
+def test_per_leaf_norm_matches_numpy(reductions, leaves, c):
   out, state = apply(clipkit.per_leaf_norm(c), leaves)
   for a, b in zip(out, np_per_leaf(leaves, c)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -80,9 +83,10 @@ def test_per_leaf_norm_matches_numpy(leaves, c):
       state.clipped_fraction, np.mean([n > c for n in norms]), atol=1e-6)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(trees, thresholds)
-def test_value_matches_numpy(leaves, c):
+def test_value_matches_numpy(reductions, leaves, c):
   out, state = apply(clipkit.value(c), leaves)
   for a, x in zip(out, leaves):
     np.testing.assert_array_equal(
@@ -132,9 +136,11 @@ def test_matches_optax_on_ordinary_inputs():
 @pytest.mark.parametrize("factory", [clipkit.global_norm,
                                      clipkit.per_leaf_norm])
 def test_finite_gradients_of_any_size_keep_direction(factory, dtype, value,
-                                                     size):
+                                                     size, reductions):
   x = jnp.linspace(0.5, 1.0, size) * value
-  g = {"x": x.astype(dtype), "y": (-x[:3]).astype(dtype)}
+  # Two small leaves besides x: on a single device they share a pack.
+  g = {"x": x.astype(dtype), "y": (-x[:3]).astype(dtype),
+       "z": (x[-5:] / 2).astype(dtype)}
   c = 1e-32 if value < 1 else 1.0
   tx = factory(c)
   out, state = jax.jit(tx.update)(g, tx.init(g))
@@ -154,11 +160,47 @@ def test_finite_gradients_of_any_size_keep_direction(factory, dtype, value,
           np.linalg.norm(np.asarray(v, np.float64)), c, rtol=1e-2)
 
 
+@pytest.mark.parametrize("factory", [clipkit.global_norm,
+                                     clipkit.per_leaf_norm])
+def test_complex_leaves_match_numpy(factory, reductions):
+  rng = np.random.default_rng(0)
+  shapes = [(3,), (4, 5), (5000,)]
+  leaves = [(rng.normal(size=s) + 1j * rng.normal(size=s)).astype(np.complex64)
+            for s in shapes] + [rng.normal(size=6).astype(np.float32)]
+  c = 2.0
+  tx = factory(c)
+  out, _ = jax.jit(tx.update)(leaves, tx.init(leaves))
+  norms = [np.linalg.norm(x.astype(np.complex128)) for x in leaves]
+  if factory is clipkit.global_norm:
+    scales = [c / np.linalg.norm(norms)] * len(leaves)
+  else:
+    scales = [min(1.0, c / n) for n in norms]
+  for o, x, s in zip(out, leaves, scales):
+    assert o.dtype == x.dtype
+    np.testing.assert_allclose(np.asarray(o), x * s, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("factory", [clipkit.global_norm,
+                                     clipkit.per_leaf_norm, clipkit.value])
+def test_packed_small_leaves_compile_to_few_reductions(factory, monkeypatch):
+  g = [jnp.ones((i + 1,)) for i in range(40)] + [jnp.ones((64, 128))]
+
+  def reductions(packed):
+    monkeypatch.setattr(_numerics, "_can_pack", lambda: packed)
+    tx = factory(1.0)  # A new function: no cached trace.
+    return jax.jit(tx.update).lower(g, tx.init(g)).as_text().count(
+        "stablehlo.reduce")
+
+  one_by_one, packed = reductions(False), reductions(True)
+  assert one_by_one >= 40
+  assert packed <= 12, packed
+
+
 @pytest.mark.parametrize("factory,arg", [(clipkit.global_norm, 1.0),
                                          (clipkit.per_leaf_norm, 1.0),
                                          (clipkit.value, 1.0)])
 @pytest.mark.parametrize("bad", [jnp.nan, jnp.inf, -jnp.inf])
-def test_non_finite_input_passes_through(factory, arg, bad):
+def test_non_finite_input_passes_through(factory, arg, bad, reductions):
   g = {"a": jnp.array([3.0, bad, -2.0])}
   tx = factory(arg)
   out, _ = jax.jit(tx.update)(g, tx.init(g))
@@ -229,7 +271,7 @@ def test_shard_map_axis_name_gives_global_norm(factory):
   np.testing.assert_allclose(run(None), local, rtol=1e-5)
 
 
-def test_update_is_differentiable():
+def test_update_is_differentiable(reductions):
   g = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([1.0])}
 
   def loss(tx, g):
