@@ -97,6 +97,21 @@ def test_value_matches_numpy(reductions, leaves, c):
       atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_value_count_near_the_threshold(dtype, reductions):
+  c = 0.3
+  # Elements just above and below the threshold, in every leaf's dtype.
+  base = np.array([c, -c, 2 * c, 0.0, np.inf, -np.inf], np.float32)
+  steps = np.array([1, -1, 0], np.float32)[:, None] * 1e-2 * c
+  x = (base + steps).ravel()
+  leaves = [jnp.asarray(x, dtype), jnp.asarray(-x[:5], dtype)]
+  tx = clipkit.value(c)
+  _, state = jax.jit(tx.update)(leaves, tx.init(leaves))
+  flat = np.concatenate([np.asarray(v, np.float32) for v in leaves])
+  np.testing.assert_allclose(state.clipped_fraction,
+                             np.mean(np.abs(flat) > np.float32(c)), atol=1e-7)
+
+
 def test_value_without_count_clips_alike_and_drops_the_metric():
   leaves = [np.array([3.0, -0.5, -2.0], np.float32), np.array([0.25], np.float32)]
   counted, _ = apply(clipkit.value(1.0), leaves)
