@@ -128,7 +128,7 @@ def pack_small(leaves: Sequence[jax.Array], dtype) -> Packed | None:
   """Packs the small leaves of `leaves` as `dtype`, if there are several.
 
   One reduction of the pack compiles in a fraction of the time of one per
-  leaf; the pack is a copy of at most ``_PACK_LIMIT`` elements.
+  leaf; the pack copies at most ``_PACK_LIMIT`` leaf elements.
   """
   if not _can_pack():
     return None
@@ -171,14 +171,14 @@ def _in_range_then(leaves, axis_name, per_leaf, then):
   dtype = norm_dtype(leaves)
   pack = pack_small(leaves, dtype)
   in_pack = set(pack.index) if pack else set()
-  small = [x.size < _SMALL for x in leaves]
-  large = [x for x, s in zip(leaves, small) if not s]
-  rest = [i for i, s in enumerate(small) if s and i not in in_pack]
+  large_index = [i for i, x in enumerate(leaves) if x.size >= _SMALL]
+  large = [leaves[i] for i in large_index]
+  rest = [i for i, x in enumerate(leaves)
+          if x.size < _SMALL and i not in in_pack]
   large_first = _leaf_sumsq(large, None, dtype)
   one = jnp.ones((), dtype)
   # Sums come out as [large leaves, other small leaves, pack]: to leaf order.
-  order = np.argsort([i for i, s in enumerate(small) if not s] + rest
-                     + list(pack.index if pack else ()))
+  order = np.argsort(large_index + rest + list(pack.index if pack else ()))
   n_sums = len(leaves) if per_leaf else len(large) + len(rest) + bool(pack)
 
   def sums(k):

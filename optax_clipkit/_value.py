@@ -29,9 +29,6 @@ class ValueState(NamedTuple):
 
 _metrics.register_state(ValueState, "clip_threshold", "clipped_fraction")
 
-# Lifts the smallest normal float32 to 1.
-_NORMAL_TO_ONE = 2.0**126
-
 
 def clip_leaf(x: jax.Array, limit: jax.Array) -> jax.Array:
   """Clips the finite elements of `x` to ``[-limit, limit]`` in x's dtype.
@@ -45,15 +42,12 @@ def clip_leaf(x: jax.Array, limit: jax.Array) -> jax.Array:
 def _count_beyond(x: jax.Array, limit: jax.Array) -> jax.Array:
   """The number of elements with ``|x| > limit``, as a float32.
 
-  Infinities count; a NaN makes it NaN. Each element adds
-  ``min(relu(|x| - limit) * 2**126, 1)``: 1 wherever the difference is a
-  normal float32, else 0 (XLA:CPU flushes subnormal differences to zero; a
-  backend that keeps them would add a fraction, for thresholds under 1e-31).
-  XLA:CPU sums this several times faster than a comparison's booleans, and
-  twice as fast as ``sign`` on bfloat16 leaves.
+  Infinities count; a NaN makes it NaN. sign(relu(|x| - limit)) is 1 exactly
+  where |x| > limit: XLA:CPU sums it about 5x faster than a comparison's
+  booleans.
   """
-  excess = jnp.abs(x.astype(jnp.float32)) - limit.astype(jnp.float32)
-  return jnp.sum(jnp.minimum(jnp.maximum(excess, 0) * _NORMAL_TO_ONE, 1))
+  excess = jnp.abs(x).astype(jnp.float32) - limit.astype(jnp.float32)
+  return jnp.sum(jnp.sign(jnp.maximum(excess, 0)))
 
 
 def _count_apart(leaves, limit):
