@@ -200,13 +200,13 @@ def test_complex_leaves_match_numpy(factory, reductions):
 def test_packed_small_leaves_compile_to_few_reductions(factory, monkeypatch):
   g = [jnp.ones((i + 1,)) for i in range(40)] + [jnp.ones((64, 128))]
 
-  def reductions(packed):
+  def count_reductions(packed):
     monkeypatch.setattr(_numerics, "_can_pack", lambda: packed)
     tx = factory(1.0)  # A new function: no cached trace.
     return jax.jit(tx.update).lower(g, tx.init(g)).as_text().count(
         "stablehlo.reduce")
 
-  one_by_one, packed = reductions(False), reductions(True)
+  one_by_one, packed = count_reductions(False), count_reductions(True)
   assert one_by_one >= 40
   assert packed <= 12, packed
 
