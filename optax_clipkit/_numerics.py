@@ -149,6 +149,12 @@ def pack_small(leaves: Sequence[jax.Array], dtype) -> Packed | None:
                 np.repeat(np.arange(len(sizes)), sizes))
 
 
+def unpacked(leaves: Sequence[jax.Array], pack: Packed | None) -> list[int]:
+  """Indices of the leaves outside `pack` (all of them if it is None)."""
+  inside = set(pack.index) if pack else set()
+  return [i for i in range(len(leaves)) if i not in inside]
+
+
 def _in_range_then(leaves, axis_name, per_leaf, then):
   """``then(q, k)`` on squared norms brought into range; returns its result.
 
@@ -170,11 +176,9 @@ def _in_range_then(leaves, axis_name, per_leaf, then):
   """
   dtype = norm_dtype(leaves)
   pack = pack_small(leaves, dtype)
-  in_pack = set(pack.index) if pack else set()
   large_index = [i for i, x in enumerate(leaves) if x.size >= _SMALL]
   large = [leaves[i] for i in large_index]
-  rest = [i for i, x in enumerate(leaves)
-          if x.size < _SMALL and i not in in_pack]
+  rest = [i for i in unpacked(leaves, pack) if leaves[i].size < _SMALL]
   large_first = _leaf_sumsq(large, None, dtype)
   one = jnp.ones((), dtype)
   # Sums come out as [large leaves, other small leaves, pack]: to leaf order.

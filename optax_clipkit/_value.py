@@ -63,9 +63,8 @@ def _count_apart(leaves, limit):
 
   def total(limit):
     pack = _numerics.pack_small(leaves, jnp.float32)
-    packed = set(pack.index) if pack else set()
-    counts = [_count_beyond(x, limit) for i, x in enumerate(leaves)
-              if i not in packed]
+    counts = [_count_beyond(leaves[i], limit)
+              for i in _numerics.unpacked(leaves, pack)]
     if pack:
       counts.append(_count_beyond(pack.data, limit))
     return jnp.sum(_numerics.stack_scalars(counts))
