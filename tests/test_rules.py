@@ -215,15 +215,28 @@ def test_packed_small_leaves_compile_to_few_reductions(factory, monkeypatch):
                                          (clipkit.per_leaf_norm, 1.0),
                                          (clipkit.value, 1.0)])
 @pytest.mark.parametrize("bad", [jnp.nan, jnp.inf, -jnp.inf])
-def test_non_finite_input_passes_through(factory, arg, bad, reductions):
+def test_non_finite_input_stays_non_finite(factory, arg, bad, reductions):
   g = {"a": jnp.array([3.0, bad, -2.0])}
   tx = factory(arg)
   out, _ = jax.jit(tx.update)(g, tx.init(g))
   assert not np.all(np.isfinite(out["a"]))
   if factory is clipkit.value:
-    np.testing.assert_array_equal(out["a"], [1.0, bad, -1.0])
+    np.testing.assert_array_equal(out["a"], [1.0, np.nan, -1.0])
   else:
     np.testing.assert_array_equal(out["a"], g["a"])
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_value_keeps_signed_zeros_and_turns_non_finite_into_nan(dtype):
+  x = jnp.array([-0.0, 0.0, np.inf, -np.inf, np.nan, -5.0, 0.5], dtype)
+  tx = clipkit.value(2.0)
+  for update in (tx.update, jax.jit(tx.update)):
+    out, _ = update(x, tx.init(x))
+    assert out.dtype == x.dtype
+    out = np.asarray(out, np.float32)
+    np.testing.assert_array_equal(out, [0.0, 0.0, np.nan, np.nan, np.nan,
+                                        -2.0, 0.5])
+    np.testing.assert_array_equal(np.signbit(out[:2]), [True, False])
 
 
 @pytest.mark.parametrize("factory,name", [(clipkit.global_norm, "max_norm"),
