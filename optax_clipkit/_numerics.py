@@ -53,6 +53,27 @@ def norm_dtype(leaves: Sequence[jax.Array]) -> jnp.dtype:
   return jnp.dtype(jnp.float64 if bits > 32 else jnp.float32)
 
 
+def _single_device() -> bool:
+  """Whether leaves may be reshaped or packed without moving data.
+
+  Only on a single device: a leaf may be sharded wherever there are more
+  (even when the trace cannot tell), and packing it, or flattening it when
+  an inner axis is sharded, would gather it.
+  """
+  return jax.device_count() == 1
+
+
+def _vector(x: jax.Array) -> jax.Array:
+  """`x` flattened to a vector where that is free (on a single device).
+
+  XLA:CPU runs reductions and elementwise kernels with scalar operands
+  markedly slower over rank-4 arrays than over vectors: on a ResNet-like
+  tree, a `global_norm` + SGD step took 1.2x optax's time with conv kernels
+  scaled in their own shape and 1.01x flattened.
+  """
+  return x.ravel() if _single_device() else x
+
+
 def _leaf_sumsq(
     leaves: Sequence[jax.Array], k: jax.Array | None, dtype
 ) -> tuple[jax.Array, ...]:
@@ -64,7 +85,7 @@ def _leaf_sumsq(
   """
   sums = []
   for x in leaves:
-    y = x.astype(compute_dtype(x.dtype))
+    y = _vector(x).astype(compute_dtype(x.dtype))
     if k is not None:
       y = y * k.astype(y.dtype)
     if jnp.iscomplexobj(y):
@@ -102,13 +123,6 @@ _SMALL = 4096
 _PACK_LIMIT = 1 << 20
 
 
-def _can_pack() -> bool:
-  """Whether small leaves may be packed into one vector.
-
-  Only on a single device: a leaf may be sharded wherever there are more
-  (even when the trace cannot tell), and packing would gather it.
-  """
-  return jax.device_count() == 1
 
 
 class Packed(NamedTuple):
@@ -130,7 +144,7 @@ def pack_small(leaves: Sequence[jax.Array], dtype) -> Packed | None:
   One reduction of the pack compiles in a fraction of the time of one per
   leaf; the pack copies at most ``_PACK_LIMIT`` leaf elements.
   """
-  if not _can_pack():
+  if not _single_device():
     return None
   index, parts, total = [], [], 0
   for i, x in enumerate(leaves):
@@ -352,9 +366,14 @@ def clip_to(norm: Norm, threshold: jax.typing.ArrayLike) -> Scale:
 
 
 def scale_leaf(x: jax.Array, k: jax.Array, c: jax.Array) -> jax.Array:
-  """``(x * k) * c`` computed in at least float32, cast back to x's dtype."""
+  """``(x * k) * c`` computed in at least float32, cast back to x's dtype.
+
+  Two factors rather than their product, which may underflow where the
+  result does not.
+  """
   ct = compute_dtype(x.dtype)
-  return ((x.astype(ct) * k.astype(ct)) * c.astype(ct)).astype(x.dtype)
+  y = _vector(x).astype(ct)
+  return ((y * k.astype(ct)) * c.astype(ct)).astype(x.dtype).reshape(x.shape)
 
 
 def as_f32(x: jax.typing.ArrayLike) -> jax.Array:

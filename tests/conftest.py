@@ -20,11 +20,12 @@ from optax_clipkit import _numerics  # pylint: disable=g-import-not-at-top
 
 @pytest.fixture(params=["one_by_one", "packed"])
 def reductions(request, monkeypatch):
-  """Runs a test with small leaves reduced one by one and in one pack.
+  """Runs a test as with several devices and as on a single device.
 
-  With 8 devices small leaves are never packed (a leaf could be sharded);
-  on a single device they are. Both forms must give the same results.
+  With 8 devices every leaf is reduced and scaled in its own shape (a leaf
+  could be sharded); on a single device leaves are flattened and small ones
+  are reduced in one pack. Both forms must give the same results.
   """
   packed = request.param == "packed"
-  monkeypatch.setattr(_numerics, "_can_pack", lambda: packed)
+  monkeypatch.setattr(_numerics, "_single_device", lambda: packed)
   return request.param

@@ -44,7 +44,8 @@ def apply(tx, leaves):
 finite = st.floats(-1e3, 1e3, allow_nan=False, width=32).filter(
     lambda v: v == 0 or abs(v) > 1e-6)
 trees = st.lists(
-    hnp.arrays(np.float32, hnp.array_shapes(max_dims=2, max_side=5),
+    hnp.arrays(np.float32,
+               hnp.array_shapes(min_dims=0, max_dims=4, max_side=4),
                elements=finite),
     min_size=1, max_size=4)
 thresholds = st.floats(0.0, 100.0, width=32).filter(
@@ -201,7 +202,7 @@ def test_packed_small_leaves_compile_to_few_reductions(factory, monkeypatch):
   g = [jnp.ones((i + 1,)) for i in range(40)] + [jnp.ones((64, 128))]
 
   def count_reductions(packed):
-    monkeypatch.setattr(_numerics, "_can_pack", lambda: packed)
+    monkeypatch.setattr(_numerics, "_single_device", lambda: packed)
     tx = factory(1.0)  # A new function: no cached trace.
     return jax.jit(tx.update).lower(g, tx.init(g)).as_text().count(
         "stablehlo.reduce")
