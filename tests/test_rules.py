@@ -227,6 +227,25 @@ def test_non_finite_input_stays_non_finite(factory, arg, bad, reductions):
     np.testing.assert_array_equal(out["a"], g["a"])
 
 
+@pytest.mark.parametrize("dtype,bits", [(jnp.bfloat16, np.uint16),
+                                        (jnp.float16, np.uint16)])
+@pytest.mark.parametrize("c", [0.3, 1.0, 1000.7, 6e4])
+def test_value_on_every_half_precision_number(dtype, bits, c):
+  # All 65,536 bit patterns: the same as clipping in the leaf's dtype to the
+  # threshold rounded to it.
+  x = np.arange(2**16, dtype=np.uint64).astype(bits).view(dtype)
+  tx = clipkit.value(c)
+  out, _ = jax.jit(tx.update)(jnp.asarray(x), tx.init(jnp.asarray(x)))
+  assert out.dtype == dtype
+  r = np.float32(np.asarray(c, dtype))
+  x32 = x.astype(np.float32)
+  ref = np.where(np.isfinite(x32), np.clip(x32, -r, r), np.nan)
+  # Exact, except that XLA:CPU flushes float32 subnormals (bfloat16's
+  # subnormals) to zero.
+  np.testing.assert_allclose(np.asarray(out, np.float32), ref, rtol=0,
+                             atol=np.finfo(np.float32).tiny)
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
 def test_value_keeps_signed_zeros_and_turns_non_finite_into_nan(dtype):
   x = jnp.array([-0.0, 0.0, np.inf, -np.inf, np.nan, -5.0, 0.5], dtype)
