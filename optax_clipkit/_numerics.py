@@ -123,8 +123,6 @@ _SMALL = 4096
 _PACK_LIMIT = 1 << 20
 
 
-
-
 class Packed(NamedTuple):
   """Small leaves' elements in one vector, reduced with a single kernel.
 

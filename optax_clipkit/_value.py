@@ -116,11 +116,10 @@ def value(
 
   This is Keras ``clipvalue`` and ``torch.nn.utils.clip_grad_value_``. The
   result is what clipping in each leaf's own dtype, to the threshold rounded
-  to that dtype, gives.
-  Unlike `optax.clip`, NaN and infinities are never clipped: each comes out
-  as NaN, so an overflowed gradient cannot come out as a plausible update of
-  ``±max_value``; a negative threshold is rejected rather than flipping
-  signs.
+  to that dtype, gives. Unlike `optax.clip`, NaN and infinities are never
+  clipped: each comes out as NaN, so an overflowed gradient cannot come out
+  as a plausible update of ``±max_value``; a negative threshold is rejected
+  rather than flipping signs.
 
   Counting the clipped elements for the ``clipped_fraction`` metric reads
   the updates once more. Where the count cannot share a loop with the clip

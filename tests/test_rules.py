@@ -227,13 +227,12 @@ def test_non_finite_input_stays_non_finite(factory, arg, bad, reductions):
     np.testing.assert_array_equal(out["a"], g["a"])
 
 
-@pytest.mark.parametrize("dtype,bits", [(jnp.bfloat16, np.uint16),
-                                        (jnp.float16, np.uint16)])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("c", [0.3, 1.0, 1000.7, 6e4])
-def test_value_on_every_half_precision_number(dtype, bits, c):
+def test_value_on_every_half_precision_number(dtype, c):
   # All 65,536 bit patterns: the same as clipping in the leaf's dtype to the
   # threshold rounded to it.
-  x = np.arange(2**16, dtype=np.uint64).astype(bits).view(dtype)
+  x = np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(dtype)
   tx = clipkit.value(c)
   out, _ = jax.jit(tx.update)(jnp.asarray(x), tx.init(jnp.asarray(x)))
   assert out.dtype == dtype
