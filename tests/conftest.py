@@ -18,7 +18,7 @@ import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 from optax_clipkit import _numerics  # pylint: disable=g-import-not-at-top
 
 
-@pytest.fixture(params=["one_by_one", "packed"])
+@pytest.fixture(params=["several_devices", "single_device"])
 def reductions(request, monkeypatch):
   """Runs a test as with several devices and as on a single device.
 
@@ -26,6 +26,6 @@ def reductions(request, monkeypatch):
   could be sharded); on a single device leaves are flattened and small ones
   are reduced in one pack. Both forms must give the same results.
   """
-  packed = request.param == "packed"
-  monkeypatch.setattr(_numerics, "_single_device", lambda: packed)
+  single = request.param == "single_device"
+  monkeypatch.setattr(_numerics, "_single_device", lambda: single)
   return request.param
