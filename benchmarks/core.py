@@ -38,7 +38,7 @@ def pairs(with_adamw: bool):
        # closest per-leaf rule (an RMS, not a norm: the same work).
        c(optax.clip_by_block_rms(1.0))),
       ("value", c(clipkit.value(1.0)), c(optax.clip(1.0))),
-      ("value_uncounted", c(clipkit.value(1.0, count_clipped=False)),
+      ("value_counted", c(clipkit.value(1.0, count_clipped=True)),
        c(optax.clip(1.0))),
   ]
 

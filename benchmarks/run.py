@@ -11,6 +11,8 @@ to keep the numbers). Prints markdown tables.
 - Compile time of one step against the number of leaves, against optax.
 - The overhead of the stateful strategies and `per_module` on top of
   `global_norm`.
+- Achieved read bandwidth of the global-norm pass (GB/s) against a plain
+  sum over the same bytes and, on GPUs and TPUs, the device's peak.
 - Compiled temporary memory against optax.
 - The exploding-gradient study of ``benchmarks/exploding.py`` (full run only).
 - ``torch.nn.utils.clip_grad_norm_`` (foreach) on the same tree, if torch is
@@ -93,8 +95,8 @@ CLIPPERS = {
     "per_leaf_norm": (lambda: clipkit.per_leaf_norm(1.0),
                       lambda: optax.clip_by_block_rms(1.0)),
     "value": (lambda: clipkit.value(1.0), lambda: optax.clip(1.0)),
-    # Without the clipped-fraction count: the same work as optax.clip.
-    "value_uncounted": (lambda: clipkit.value(1.0, count_clipped=False),
+    # With the opt-in clipped-fraction count: more work than optax.clip.
+    "value_counted": (lambda: clipkit.value(1.0, count_clipped=True),
                         lambda: optax.clip(1.0)),
 }
 OPTIMIZERS = {"sgd": lambda: optax.sgd(1e-3, momentum=0.9),
@@ -167,6 +169,62 @@ def compile_times(quick):
   return rows
 
 
+# Peak memory bandwidth in GB/s, from the vendors' data sheets, by the start
+# of `device_kind`; None where unknown (CPUs: the table then shows the
+# measured read bandwidth of one plain sum over the same bytes instead).
+PEAK_GBPS = {"NVIDIA H200": 4800, "NVIDIA H100 PCIe": 2000,
+             "NVIDIA H100": 3350, "NVIDIA A100-SXM4-80GB": 2039,
+             "NVIDIA A100": 1555, "NVIDIA L4": 300, "TPU v4": 1200,
+             "TPU v5 lite": 819, "TPU v5p": 2765, "TPU v6 lite": 1640}
+
+
+def peak_gbps(kind: str):
+  return next((v for k, v in PEAK_GBPS.items() if kind.startswith(k)), None)
+
+
+def _best_seconds(f, *args, rounds=20):
+  jax.block_until_ready(f(*args))
+  times = []
+  for _ in range(rounds):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(*args))
+    times.append(time.perf_counter() - t0)
+  return min(times)
+
+
+def norm_bandwidth(quick):
+  """Achieved read bandwidth of the global-norm pass, in GB/s.
+
+  Bytes read (every leaf once) over the best of several timed runs, for
+  clipkit's norm, optax's `global_norm`, and one plain sum over a single
+  buffer of the same bytes (what the memory system gives a reduction).
+  """
+  from optax_clipkit import _numerics  # pylint: disable=g-import-not-at-top
+  dev = jax.devices()[0]
+  kind = getattr(dev, "device_kind", dev.platform)
+  rows = []
+  for tname, make in trees(quick).items():
+    for dtype in (jnp.float32, jnp.bfloat16):
+      tree = make(dtype, 1)
+      leaves = jax.tree.leaves(tree)
+      nbytes = sum(x.nbytes for x in leaves)
+      flat = jnp.zeros((nbytes // jnp.dtype(dtype).itemsize,), dtype)
+      ours = jax.jit(lambda t: _numerics.global_norm(jax.tree.leaves(t)).value)
+      theirs = jax.jit(optax.global_norm)
+      plain = jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32))
+      gbps = {name: nbytes / _best_seconds(f, arg) / 1e9 for name, f, arg in
+              (("clipkit", ours, tree), ("optax", theirs, tree),
+               ("plain_sum", plain, flat))}
+      peak = peak_gbps(kind)
+      rows.append({"device": kind, "tree": tname,
+                   "dtype": jnp.dtype(dtype).name, "MB": nbytes / 1e6,
+                   "clipkit_GBps": gbps["clipkit"],
+                   "optax_GBps": gbps["optax"],
+                   "plain_sum_GBps": gbps["plain_sum"], "peak_GBps": peak,
+                   "clipkit_vs_peak": gbps["clipkit"] / peak if peak else None})
+  return rows
+
+
 def temp_bytes(tx, tree):
   compiled = _harness.step_fn(tx).lower(tree, tx.init(tree), tree).compile()
   return compiled.memory_analysis().temp_size_in_bytes
@@ -233,6 +291,13 @@ def main():
   print("\n## Overhead on top of global_norm (transformer tree, float32)\n")
   print(_harness.table(["strategy", "optimizer", "time / global_norm"],
                        [list(r.values()) for r in rows]))
+
+  results["bandwidth"] = rows = norm_bandwidth(q)
+  print("\n## Global-norm pass: achieved read bandwidth\n")
+  print(_harness.table(
+      ["device", "tree", "dtype", "MB read", "clipkit GB/s", "optax GB/s",
+       "plain sum GB/s", "peak GB/s", "clipkit/peak"],
+      [list(r.values()) for r in rows]))
 
   results["compile"] = rows = compile_times(q)
   print("\n## Compile time of one step\n")

@@ -53,7 +53,7 @@ def clip_global(updates, threshold, norm: _numerics.Norm | None = None,
     norm, scale = _numerics.clip_norms(leaves, threshold, axis_name)
   else:
     scale = _numerics.clip_to(norm, threshold)
-  out = [_numerics.scale_leaf(x, scale.k, scale.c) for x in leaves]
+  out = _numerics.scale_leaves(leaves, scale)
   return jax.tree.unflatten(treedef, out), norm, scale
 
 
@@ -78,7 +78,9 @@ def global_norm(
   bfloat16 leaf's own dtype) and is overflow-safe: any finite updates, however
   large (float16 gradients of 100 over 1,000 elements; float32 gradients of
   1e20), are scaled to `max_norm` in their own direction, never to zero or
-  NaN. Output dtypes equal input dtypes leaf by leaf.
+  NaN. Output dtypes equal input dtypes leaf by leaf. A norm whose square is
+  below float32's normal range (under about 1e-19) reads as 0. The update
+  has no control flow on data: no device-to-host sync on GPU or TPU.
 
   If the updates contain a NaN or an infinity, the norm is NaN or inf and the
   updates pass through unchanged, so the non-finite values stay visible to
@@ -92,8 +94,9 @@ def global_norm(
 
   Args:
     max_norm: The maximum global norm, a non-negative number (``inf`` turns
-      clipping off). May be traced (`optax.inject_hyperparams`); a negative
-      traced value acts as zero.
+      clipping off; 0 zeroes the updates). May be traced
+      (`optax.inject_hyperparams`); a negative or NaN traced value turns the
+      updates into NaN, so the mistake cannot pass unseen.
     axis_name: Mapped axis name (or tuple of names) over which to sum the
       squared norm under `shard_map`/`pmap`. None for a local norm.
 

@@ -1,41 +1,48 @@
 """Norms and scaling shared by every strategy.
 
-Squared norms accumulate in float32 (or the leaf's own dtype where wider) and
-are overflow-safe without slowing the common case:
+Guarantees, on every backend:
 
-1. One pass computes every leaf's sum of squares of ``x``.
-2. Only if a sum is not finite (or, for the global norm, the whole tree's sum
-   is below the float32 normal range) does a second pass run, on ``x * k``
-   with ``k`` a power of two (``2**-100`` or ``2**100``) that brings the sums
-   into range.
+- **Wide accumulation.** Squared norms accumulate in float32 (float64 when a
+  leaf is float64), never in a float16 or bfloat16 leaf's own dtype, and
+  leaves are scaled in at least float32, then rounded back to their dtype.
+- **No overflow.** Each leaf whose squares could overflow the accumulator
+  also has the sum of squares of ``x * k``, with ``k`` a power of two
+  (`_down`) small enough that no finite element overflows. Where the plain
+  sum (of a leaf, or of the whole tree) is not finite, that second sum is
+  used, and the leaf is scaled as ``(x * k) * c``. Powers of two scale
+  exactly, so finite updates of any size keep their direction and are never
+  scaled to zero or NaN.
+- **No control flow on data.** The choice is a `jnp.where`. On GPU and TPU
+  both sums are reduced in one read of each leaf, in the leaf's own shape and
+  layout, and the update is straight-line code: no device-to-host sync. XLA:CPU
+  runs a second sum at a cost, so there it runs only when the first
+  overflowed; that and the other CPU tactics live in `_cpu`.
+- **Non-finite input passes through.** A NaN or Inf makes the norm non-finite,
+  and the factors are then exactly one.
+- **Invalid thresholds are visible.** A negative or NaN threshold (possible
+  only when traced) makes every factor NaN.
 
-Large leaves' first pass is a plain convert-square-sum (XLA:CPU runs a
-reduction with a runtime scalar operand several times slower), and their
-second sits in a `lax.cond` branch that costs nothing unless taken. Small
-leaves' reductions serve both passes (see `_in_range_then`) and, on a single
-device, are one reduction of the leaves packed together (`pack_small`),
-which keeps compile time down. Multiplying by a power of two is exact, and
-results are applied as ``(x * k) * c``, so a gradient of any finite size is
-scaled in its own direction and never to zero or NaN.
+Limits:
 
-The per-leaf sums are gathered by `stack_scalars`, which keeps compile time
-linear in the number of leaves.
+- Squares below float32's normal range flush to zero (XLA flushes subnormals
+  on CPU and GPU): a norm below about 1e-19 reads as 0, so a threshold in
+  (0, 1e-19) does not clip it. A threshold of exactly 0 zeroes every update.
+- A float64 leaf's second sum covers every finite float64.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
+import math
 from typing import NamedTuple
 
 import jax
 from jax import lax
 import jax.numpy as jnp
-import numpy as np
+
+from optax_clipkit import _cpu
 
 AxisName = Hashable | tuple[Hashable, ...] | None
-
-_DOWN = 2.0**-100  # Brings a float32 sum of squares of any finite x in range.
-_UP = 2.0**100  # Lifts squares that underflow float32 back into range.
 
 
 def compute_dtype(dtype) -> jnp.dtype:
@@ -53,47 +60,32 @@ def norm_dtype(leaves: Sequence[jax.Array]) -> jnp.dtype:
   return jnp.dtype(jnp.float64 if bits > 32 else jnp.float32)
 
 
-def _single_device() -> bool:
-  """Whether leaves may be reshaped or packed without moving data.
+def _down(dtype) -> float:
+  """A power of two that brings the square of any finite `dtype` in range.
 
-  Only on a single device: a leaf may be sharded wherever there are more
-  (even when the trace cannot tell), and packing it, or flattening it when
-  an inner axis is sharded, would gather it.
+  2**-100 for float32: ``(3.4e38 * 2**-100)**2`` is about 2**56, leaving
+  room for sums over 2**70 elements.
   """
-  return jax.device_count() == 1
+  return 2.0 ** -(jnp.finfo(dtype).maxexp // 2 + 36)
 
 
-def _vector(x: jax.Array) -> jax.Array:
-  """`x` flattened to a vector where that is free (on a single device).
-
-  XLA:CPU runs reductions and elementwise kernels with scalar operands
-  markedly slower over rank-4 arrays than over vectors: on a ResNet-like
-  tree, a `global_norm` + SGD step took 1.2x optax's time with conv kernels
-  scaled in their own shape and 1.01x flattened.
-  """
-  return x.ravel() if _single_device() else x
+def may_overflow(x: jax.Array, dtype) -> bool:
+  """Whether a sum of squares of `x`'s elements can overflow `dtype`."""
+  largest = float(jnp.finfo(compute_dtype(x.dtype)).max)
+  bits = 2 * math.log2(largest) + math.log2(max(x.size, 1))
+  return bits >= jnp.finfo(dtype).maxexp
 
 
-def _leaf_sumsq(
-    leaves: Sequence[jax.Array], k: jax.Array | None, dtype
-) -> tuple[jax.Array, ...]:
-  """sum(|x * k|**2) for each leaf, in `dtype`, with one scalar `k` for all.
-
-  With `k` None the leaves are not scaled. That is the common pass, and it
-  must stay a plain convert-square-sum: XLA:CPU runs a reduction with a
-  runtime scalar operand several times slower (20x for bfloat16 leaves).
-  """
-  sums = []
-  for x in leaves:
-    y = _vector(x).astype(compute_dtype(x.dtype))
-    if k is not None:
-      y = y * k.astype(y.dtype)
-    if jnp.iscomplexobj(y):
-      sq = jnp.square(y.real) + jnp.square(y.imag)
-    else:
-      sq = jnp.square(y)
-    sums.append(jnp.sum(sq, dtype=dtype))
-  return tuple(sums)
+def sumsq(x: jax.Array, dtype, k: float = 1.0) -> jax.Array:
+  """sum(|x * k|**2) in `dtype`, with `k` a Python constant."""
+  y = x.astype(compute_dtype(x.dtype))
+  if k != 1.0:
+    y = y * jnp.asarray(k, y.dtype)
+  if jnp.iscomplexobj(y):
+    sq = jnp.square(y.real) + jnp.square(y.imag)
+  else:
+    sq = jnp.square(y)
+  return jnp.sum(sq, dtype=dtype)
 
 
 def stack_scalars(scalars: Sequence[jax.Array]) -> jax.Array:
@@ -105,161 +97,56 @@ def stack_scalars(scalars: Sequence[jax.Array]) -> jax.Array:
   return lax.optimization_barrier(jnp.stack(scalars))
 
 
-def _psum(x, axis_name: AxisName):
-  return x if axis_name is None else lax.psum(x, axis_name)
+def down_sums(leaves: Sequence[jax.Array], q: jax.Array, dtype,
+              sums_of=None) -> jax.Array:
+  """Per-leaf sums of squares of ``x * _down(dtype)``, in leaf order.
+
+  Leaves that cannot overflow take ``q * k * k`` from their plain sums `q`
+  (each factor applied apart: ``k * k`` underflows); the others are summed
+  by ``sums_of(leaves_that_can, k)`` (by default one `sumsq` each).
+  """
+  k = _down(dtype)
+  kk = (q * jnp.asarray(k, dtype)) * jnp.asarray(k, dtype)
+  index = [i for i, x in enumerate(leaves) if may_overflow(x, dtype)]
+  if not index:
+    return kk
+  if sums_of is None:
+    sums_of = lambda xs, k: stack_scalars([sumsq(x, dtype, k) for x in xs])
+  return kk.at[jnp.asarray(index)].set(sums_of([leaves[i] for i in index], k))
+
+
+def _portable_sums(leaves: Sequence[jax.Array], dtype):
+  """``(q, qd)``: per-leaf sums of squares of ``x`` and ``x * _down``.
+
+  Both sums of a leaf read it once (XLA fuses sibling reductions), in its
+  own shape.
+  """
+  q = stack_scalars([sumsq(x, dtype) for x in leaves])
+  return q, down_sums(leaves, q, dtype)
+
+
+def leaf_sums(leaves: Sequence[jax.Array], axis_name: AxisName):
+  """``(q, qd)``: per-leaf sums of squares of ``x`` and ``x * _down``.
+
+  Vectors in leaf order, `psum`'d over `axis_name`. `qd` is exact wherever
+  the plain sums' total is not finite; elsewhere it may be anything finite.
+  """
+  dtype = norm_dtype(leaves)
+  psum = (lambda v: v) if axis_name is None else (
+      lambda v: lax.psum(v, axis_name))
+
+  def portable(*leaves):
+    q, qd = _portable_sums(leaves, dtype)
+    return psum(q), psum(qd)
+
+  def cpu(*leaves):
+    return _cpu.leaf_sums(leaves, dtype, psum)
+
+  return _cpu.dispatch(cpu, portable, *leaves)
 
 
 def _in_range(q: jax.Array) -> jax.Array:
   return q < jnp.inf  # False for inf and NaN.
-
-
-# Leaves with fewer elements are "small". XLA:CPU compiles a reduction of a
-# small array to a loop that takes about ten times longer to compile than the
-# library call it uses for larger ones, so small leaves get one set of
-# reductions for both passes (the runtime factor costs them nothing), while
-# large leaves keep a plain first pass, which runs faster.
-_SMALL = 4096
-# At most this many elements of small leaves are packed into one vector.
-_PACK_LIMIT = 1 << 20
-
-
-class Packed(NamedTuple):
-  """Small leaves' elements in one vector, reduced with a single kernel.
-
-  ``index`` lists the packed leaves; ``data`` holds their elements (real and
-  imaginary parts apart) in leaf order; ``segment`` maps each element to its
-  position in ``index``.
-  """
-
-  index: tuple[int, ...]
-  data: jax.Array
-  segment: np.ndarray
-
-
-def pack_small(leaves: Sequence[jax.Array], dtype) -> Packed | None:
-  """Packs the small leaves of `leaves` as `dtype`, if there are several.
-
-  One reduction of the pack compiles in a fraction of the time of one per
-  leaf; the pack copies at most ``_PACK_LIMIT`` leaf elements.
-  """
-  if not _single_device():
-    return None
-  index, parts, total = [], [], 0
-  for i, x in enumerate(leaves):
-    if x.size < _SMALL and total + x.size <= _PACK_LIMIT:
-      index.append(i)
-      total += x.size
-      y = x.ravel()
-      parts.append(jnp.concatenate([y.real, y.imag]) if jnp.iscomplexobj(y)
-                   else y)
-  if len(index) < 2:
-    return None
-  sizes = [p.size for p in parts]
-  data = jnp.concatenate([p.astype(dtype) for p in parts])
-  # The barrier keeps XLA from fusing the concatenation into its reductions.
-  return Packed(tuple(index), lax.optimization_barrier(data),
-                np.repeat(np.arange(len(sizes)), sizes))
-
-
-def unpacked(leaves: Sequence[jax.Array], pack: Packed | None) -> list[int]:
-  """Indices of the leaves outside `pack` (all of them if it is None)."""
-  inside = set(pack.index) if pack else set()
-  return [i for i in range(len(leaves)) if i not in inside]
-
-
-def _in_range_then(leaves, axis_name, per_leaf, then):
-  """``then(q, k)`` on squared norms brought into range; returns its result.
-
-  `q` holds the sums of squares of ``x * k``: per leaf (a vector) with
-  `per_leaf`, else the whole tree's total (a scalar); `k` is a power of two
-  of the same shape. One pass computes the sums of squares of ``x``; if they
-  are in range, ``k = 1`` and there is no second pass. Otherwise a second
-  pass runs on ``x * 2**-100`` (a sum overflowed: with `per_leaf` any
-  leaf's, else the total) or, unless `per_leaf`, on ``x * 2**100`` (the
-  total underflowed); with `per_leaf` only the leaves that overflowed take
-  its sums.
-
-  Both passes are iterations of one loop, so small leaves' reductions
-  compile once (on a single device, as one reduction of their pack). A large
-  leaf's first pass is a plain reduction outside the loop, and its second
-  sits in a `lax.cond` branch: it costs nothing unless taken. `then` runs in
-  the loop, so its results are materialized once: each leaf's scaling kernel
-  reads its factors rather than recomputing them from the sums.
-  """
-  dtype = norm_dtype(leaves)
-  pack = pack_small(leaves, dtype)
-  large_index = [i for i, x in enumerate(leaves) if x.size >= _SMALL]
-  large = [leaves[i] for i in large_index]
-  rest = [i for i in unpacked(leaves, pack) if leaves[i].size < _SMALL]
-  large_first = _leaf_sumsq(large, None, dtype)
-  one = jnp.ones((), dtype)
-  # Sums come out as [large leaves, other small leaves, pack]: to leaf order.
-  order = np.argsort(large_index + rest + list(pack.index if pack else ()))
-  n_sums = len(leaves) if per_leaf else len(large) + len(rest) + bool(pack)
-
-  def sums(k):
-    """Per-leaf sums of squares of ``x * k``, in leaf order."""
-    q = list(lax.cond(
-        k == 1, lambda: large_first, lambda: _leaf_sumsq(large, k, dtype)
-    ) if large else ())
-    q += _leaf_sumsq([leaves[i] for i in rest], k, dtype)
-    q = [stack_scalars(q)] if q else []
-    if pack:
-      sq = jnp.square(pack.data * k)
-      q.append(jax.ops.segment_sum(sq, pack.segment, len(pack.index),
-                                   indices_are_sorted=True)
-               if per_leaf else jnp.sum(sq)[None])
-    q = jnp.concatenate(q)
-    if per_leaf and np.any(order != np.arange(len(order))):
-      q = q[order]
-    return _psum(q, axis_name)
-
-  def body(carry):
-    k, first, _, _ = carry
-    q = sums(k)
-    is_first = k == 1
-    first = jnp.where(is_first, q, first)
-    if per_leaf:
-      ok = _in_range(first)
-      out = then(jnp.where(ok, first, q), jnp.where(ok, 1, k))
-      again = is_first & ~jnp.all(ok)
-      next_k = jnp.asarray(_DOWN, dtype)
-    else:
-      total = jnp.sum(q)
-      out = then(total, k)
-      again = is_first & (~_in_range(total) | (total < jnp.finfo(dtype).tiny))
-      next_k = jnp.where(_in_range(total), jnp.asarray(_UP, dtype),
-                         jnp.asarray(_DOWN, dtype))
-    return jnp.where(again, next_k, k), first, out, again
-
-  first = jnp.zeros((n_sums,), dtype)
-  q0 = first if per_leaf else first[0]
-  out = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
-                     jax.eval_shape(then, q0, q0))
-  init = _vary_like((one, first, out, jnp.ones((), bool)), leaves, axis_name)
-  # A scan of two steps, each running only if asked to, rather than a
-  # `lax.while_loop`: reverse-mode autodiff goes through it.
-  step = lambda c, _: (lax.cond(c[3], body, lambda c: c, c), None)
-  return lax.scan(step, init, length=2)[0][2]
-
-
-def _vary_like(values, leaves, axis_name: AxisName):
-  """Marks constant `values` as varying like the norms of `leaves`.
-
-  Under `shard_map`, a loop's initial carry must vary over the same mesh axes
-  as its body's results: those the leaves vary over, less `axis_name`.
-  """
-  if not hasattr(lax, "pcast"):  # Older JAX does not track this.
-    return values
-  axes = set()
-  for x in leaves:
-    kind = getattr(jax.typeof(x), "manual_axis_type", None)
-    axes |= set(kind.varying) if kind is not None else set()
-  axes -= set(axis_name if isinstance(axis_name, tuple) else (axis_name,))
-  if not axes:
-    return values
-  return jax.tree.map(lambda v: lax.pcast(v, tuple(axes), to="varying"),
-                      values)
 
 
 class Norm(NamedTuple):
@@ -281,16 +168,36 @@ def _norm(q: jax.Array, k: jax.Array) -> Norm:
   return Norm(scaled / k, scaled, k)
 
 
+def _pick(q: jax.Array, qd: jax.Array, dtype) -> Norm:
+  """The norm from `q` where it is finite, else from `qd`."""
+  ok = _in_range(q)
+  k = jnp.where(ok, jnp.ones((), dtype), jnp.asarray(_down(dtype), dtype))
+  return _norm(jnp.where(ok, q, qd), k)
+
+
 def _empty_norm(per_leaf: bool) -> Norm:
   zero = jnp.zeros((0,) if per_leaf else (), jnp.float32)
   return Norm(zero, zero, jnp.ones_like(zero))
 
 
+def norms(leaves: Sequence[jax.Array], axis_name: AxisName = None,
+          per_leaf: bool = False) -> Norm:
+  """The L2 norm of all `leaves` together, or of each with `per_leaf`.
+
+  Squared norms are `psum`'d over `axis_name` (under `shard_map`/`pmap`).
+  """
+  if not leaves:
+    return _empty_norm(per_leaf)
+  dtype = norm_dtype(leaves)
+  q, qd = leaf_sums(leaves, axis_name)
+  if per_leaf:
+    return _pick(q, qd, dtype)
+  return _pick(jnp.sum(q), jnp.sum(qd), dtype)
+
+
 def global_norm(leaves: Sequence[jax.Array], axis_name: AxisName = None) -> Norm:
   """The L2 norm of all `leaves` together (psum'd over `axis_name`)."""
-  if not leaves:
-    return _empty_norm(False)
-  return _in_range_then(leaves, axis_name, False, _norm)
+  return norms(leaves, axis_name)
 
 
 def clip_norms(
@@ -304,15 +211,8 @@ def clip_norms(
   With `per_leaf`, one norm per leaf (the fields are vectors); else one
   norm of the whole tree (scalars).
   """
-  if not leaves:
-    norm = _empty_norm(per_leaf)
-    return norm, clip_to(norm, threshold)
-
-  def then(q, k):
-    norm = _norm(q, k)
-    return norm, clip_to(norm, threshold)
-
-  return _in_range_then(leaves, axis_name, per_leaf, then)
+  norm = norms(leaves, axis_name, per_leaf)
+  return norm, clip_to(norm, threshold)
 
 
 def total_norm(norms: Norm) -> Norm:
@@ -322,7 +222,7 @@ def total_norm(norms: Norm) -> Norm:
   q = jnp.square(norms.scaled)
   k = norms.k
   # Bring every leaf to the smallest k. The ratios are exact powers of two
-  # (1 or 2**-100) and are applied one at a time, since their squares could
+  # (1 or `_down`) and are applied one at a time, since their squares could
   # underflow where the products do not.
   kmin = jnp.min(k)
   ratio = kmin / k
@@ -330,7 +230,7 @@ def total_norm(norms: Norm) -> Norm:
   total = jnp.sum(terms)
   # Every per-leaf sum is finite, yet their total may still overflow.
   overflow = ~_in_range(total) & jnp.all(_in_range(q))
-  down = jnp.asarray(_DOWN, q.dtype)
+  down = jnp.asarray(_down(q.dtype), q.dtype)
   total = jnp.where(overflow, jnp.sum(terms * down * down), total)
   return _norm(total, jnp.where(overflow, kmin * down, kmin))
 
@@ -352,26 +252,45 @@ def clip_to(norm: Norm, threshold: jax.typing.ArrayLike) -> Scale:
 
   Where the norm is not finite because the input is not (NaN or Inf), or is
   at most the threshold, the factors are exactly one: the leaf passes through
-  unchanged, bit for bit. A negative or NaN `threshold` (possible only when
-  traced) acts as zero or as no threshold, respectively.
+  unchanged, bit for bit. A threshold of 0 zeroes every leaf, whatever its
+  norm. A negative or NaN `threshold` (possible only when traced) makes `c`
+  NaN, so the updates turn NaN rather than silently wrong.
   """
-  t = jnp.maximum(jnp.asarray(threshold, norm.scaled.dtype), 0)
-  clipped = _in_range(norm.scaled) & (norm.value > t)
+  t = jnp.asarray(threshold).astype(norm.scaled.dtype)
+  finite = _in_range(norm.scaled)
+  clipped = finite & (norm.value > t)
   one = jnp.ones_like(norm.scaled)
-  # `scaled > t * k >= 0` wherever clipped, so the quotient is finite.
-  c = jnp.where(clipped, t / jnp.where(clipped, norm.scaled, one), one)
+  # `scaled > t * k >= 0` wherever clipped, so the quotient is finite. A
+  # threshold of 0 also zeroes norms too small to read as above it.
+  c = jnp.where(clipped | (finite & (t == 0)),
+                t / jnp.where(clipped, norm.scaled, one), one)
+  c = jnp.where(t >= 0, c, jnp.nan)  # False for negative and NaN.
   return Scale(clipped, jnp.where(clipped, norm.k, one), c)
 
 
-def scale_leaf(x: jax.Array, k: jax.Array, c: jax.Array) -> jax.Array:
-  """``(x * k) * c`` computed in at least float32, cast back to x's dtype.
+def scale_leaves(leaves: Sequence[jax.Array], scale: Scale) -> list[jax.Array]:
+  """Each leaf as ``(x * k) * c``, in at least float32, in x's dtype.
 
-  Two factors rather than their product, which may underflow where the
-  result does not.
+  `scale`'s fields are scalars (one factor for all leaves) or vectors (one
+  per leaf). Two factors rather than their product, which may underflow
+  where the result does not.
   """
-  ct = compute_dtype(x.dtype)
-  y = _vector(x).astype(ct)
-  return ((y * k.astype(ct)) * c.astype(ct)).astype(x.dtype).reshape(x.shape)
+  if not leaves:
+    return []
+  per_leaf = jnp.ndim(scale.c) > 0
+
+  def apply(*leaves, vector=lambda x: x):
+    out = []
+    for i, x in enumerate(leaves):
+      k, c = (scale.k[i], scale.c[i]) if per_leaf else (scale.k, scale.c)
+      ct = compute_dtype(x.dtype)
+      y = vector(x).astype(ct)
+      y = (y * k.astype(ct)) * c.astype(ct)
+      out.append(y.astype(x.dtype).reshape(x.shape))
+    return out
+
+  cpu = lambda *leaves: apply(*leaves, vector=_cpu.vector)
+  return _cpu.dispatch(cpu, apply, *leaves)
 
 
 def as_f32(x: jax.typing.ArrayLike) -> jax.Array:

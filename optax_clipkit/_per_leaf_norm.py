@@ -54,14 +54,14 @@ def per_leaf_norm(
   This is what Keras ``clipnorm`` does (per variable). Leaves below the
   threshold come back unchanged, bit for bit. Norms accumulate in float32 and
   are overflow-safe, as in :func:`global_norm`. A leaf containing a NaN or an
-  infinity passes through unchanged. Per-leaf norms whose square is below the
-  float32 normal range (norms under about 1e-19) are taken at their float32
-  value; they are never clipped by a threshold above that.
+  infinity passes through unchanged. As for :func:`global_norm`, a norm
+  whose square is below float32's normal range (under about 1e-19) reads as
+  0: a threshold of 0 zeroes it, a positive one leaves it unchanged.
 
   Args:
     max_norm: The maximum norm of each leaf, a non-negative number. May be
-      traced (`optax.inject_hyperparams`); a negative traced value acts as
-      zero.
+      traced (`optax.inject_hyperparams`); a negative or NaN traced value
+      turns the updates into NaN.
     axis_name: Mapped axis name (or tuple of names) over which to sum the
       squared norms under `shard_map`/`pmap`. None for local norms.
 
@@ -96,8 +96,7 @@ def per_leaf_norm(
     del state, params
     leaves, treedef = jax.tree.flatten(updates)
     norms, scale = _numerics.clip_norms(leaves, max_norm, axis_name, True)
-    out = [_numerics.scale_leaf(x, scale.k[i], scale.c[i])
-           for i, x in enumerate(leaves)]
+    out = _numerics.scale_leaves(leaves, scale)
     new_state = PerLeafNormState(
         grad_norm=_numerics.as_f32(_numerics.total_norm(norms).value),
         clip_threshold=_numerics.as_f32(max_norm),

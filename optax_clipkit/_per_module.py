@@ -48,7 +48,7 @@ def _as_transform(pattern: str, rule: Rule) -> optax.GradientTransformation:
           f"`rules[{pattern!r}]` must be a symmetric range (-c, c), got"
           f" {rule!r}; for anything else give a transformation."
       )
-    return _value.value(hi)
+    return _value.value(hi, count_clipped=True)
   raise TypeError(
       f"`rules[{pattern!r}]` must be an optax.GradientTransformation or a"
       f" (low, high) range, got {rule!r}."
@@ -115,7 +115,7 @@ def per_module(
       ``(pattern, transformation)`` or ``(pattern, transformation, name)``
       tuples, in order of precedence. A transformation is any
       `optax.GradientTransformation`; the range ``(-c, c)`` is short for
-      ``clipkit.value(c)``.
+      ``clipkit.value(c, count_clipped=True)``.
     default: The transformation for the leaves no rule matches, e.g.
       ``optax.identity()``. If None, every leaf must match a rule.
 

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_clipkit import _cpu
 from optax_clipkit import _metrics
 from optax_clipkit import _numerics
 from optax_clipkit import _validation
@@ -19,8 +20,8 @@ class ValueState(NamedTuple):
   Attributes:
     clip_threshold: The `max_value` in force.
     clipped_fraction: The fraction of elements beyond `max_value` (infinities
-      count; a NaN in the updates makes it NaN), or None if `value` was built
-      with ``count_clipped=False``.
+      count; a NaN in the updates makes it NaN), or None unless `value` was
+      built with ``count_clipped=True``.
   """
 
   clip_threshold: jax.Array
@@ -35,9 +36,8 @@ def clip_leaf(x: jax.Array, limit: jax.Array) -> jax.Array:
 
   ``x - x`` is zero where x is finite and NaN where it is not, so subtracting
   it leaves finite results as they are (-0.0 included) and turns the clamped
-  infinities into NaN. Two elementwise operations beyond the clamp: a step
-  on 1,000 leaves compiles in about 1.1x the time of `optax.clip`'s, where a
-  select on ``isfinite`` took 1.35x.
+  infinities into NaN; it compiles faster than a select on ``isfinite``.
+  A NaN `limit` makes every element NaN.
 
   The arithmetic runs in at least float32 (XLA:CPU's bfloat16 arithmetic is
   much slower). Rounded back to x's dtype, the result is the same as
@@ -60,54 +60,38 @@ def _count_beyond(x: jax.Array, limit: jax.Array) -> jax.Array:
   return jnp.sum(jnp.sign(jnp.maximum(excess, 0)))
 
 
-def _count_apart(leaves, limit):
-  """Sum of `_count_beyond` over `leaves`, in a loop nest of its own on CPU.
-
-  Small leaves are counted in one pack where `_numerics.pack_small` allows.
-
-  Fused into the loop that clips (and, in a training step, applies) the
-  updates, the count makes XLA:CPU's multi-output loop several times slower
-  than the two loops apart; a conditional on a value it cannot fold keeps
-  them apart. Other backends fuse it well and get the plain sum.
-  """
+def _count(leaves, limit):
+  """Sum of `_count_beyond` over `leaves` (apart from the clip on CPU)."""
 
   def total(limit):
-    pack = _numerics.pack_small(leaves, jnp.float32)
-    counts = [_count_beyond(leaves[i], limit)
-              for i in _numerics.unpacked(leaves, pack)]
-    if pack:
-      counts.append(_count_beyond(pack.data, limit))
-    return jnp.sum(_numerics.stack_scalars(counts))
+    return jnp.sum(_numerics.stack_scalars(
+        [_count_beyond(x, limit) for x in leaves]))
 
-  def apart(limit):
-    limit = jax.lax.optimization_barrier(limit)
-    return jax.lax.cond(
-        limit >= 0, total, lambda _: jnp.zeros((), jnp.float32), limit
-    )
-
-  return jax.lax.platform_dependent(limit, cpu=apart, default=total)
+  return _cpu.dispatch(lambda limit: _cpu.apart(total, limit), total, limit)
 
 
-def clip_leaves(updates, limit, count_clipped: bool = True):
+def clip_leaves(updates, limit, count_clipped: bool = False):
   """Applies `clip_leaf` over a tree; returns it and the clipped fraction.
 
-  The fraction is None unless `count_clipped`.
+  The fraction is None unless `count_clipped`. A negative or NaN `limit`
+  (possible only when traced) turns every element into NaN.
   """
   leaves, treedef = jax.tree.flatten(updates)
   size = sum(x.size for x in leaves)
   limit = jnp.asarray(limit)
+  limit = jnp.where(limit >= 0, limit, jnp.nan)
   if not count_clipped:
     fraction = None
   elif not size:
     fraction = jnp.zeros((), jnp.float32)
   else:
-    fraction = _numerics.as_f32(_count_apart(leaves, limit) / size)
+    fraction = _numerics.as_f32(_count(leaves, limit) / size)
   out = [clip_leaf(x, limit) for x in leaves]
   return jax.tree.unflatten(treedef, out), fraction
 
 
 def value(
-    max_value: jax.typing.ArrayLike, *, count_clipped: bool = True
+    max_value: jax.typing.ArrayLike, *, count_clipped: bool = False
 ) -> optax.GradientTransformation:
   r"""Clips every element of the updates to ``[-max_value, max_value]``.
 
@@ -121,18 +105,16 @@ def value(
   as a plausible update of ``±max_value``; a negative threshold is rejected
   rather than flipping signs.
 
-  Counting the clipped elements for the ``clipped_fraction`` metric reads
-  the updates once more. Where the count cannot share a loop with the clip
-  and the optimizer (on CPU), that costs about a fifth of an Adam step;
-  ``count_clipped=False`` drops the count and the metric, and the clip then
-  costs what `optax.clip` costs.
+  By default the clip costs what `optax.clip` costs. ``count_clipped=True``
+  adds the ``clipped_fraction`` metric, which reads the updates once more
+  (on CPU, in a loop of its own; see ``docs/benchmarks.md`` for its cost).
 
   Args:
     max_value: The largest magnitude allowed, a non-negative number. May be
-      traced (`optax.inject_hyperparams`); a negative traced value acts as
-      zero.
+      traced (`optax.inject_hyperparams`); a negative or NaN traced value
+      turns every update into NaN, so the mistake cannot pass unseen.
     count_clipped: Whether to count the clipped elements (the
-      ``clipped_fraction`` metric).
+      ``clipped_fraction`` metric). Structural: a bool.
 
   Returns:
     A :class:`optax.GradientTransformation` whose state, `ValueState`, holds
@@ -144,7 +126,7 @@ def value(
   Examples:
     >>> import jax.numpy as jnp
     >>> import optax_clipkit as clipkit
-    >>> tx = clipkit.value(max_value=1.0)
+    >>> tx = clipkit.value(max_value=1.0, count_clipped=True)
     >>> grads = jnp.array([3.0, -0.5, -2.0, 0.25])
     >>> clipped, state = tx.update(grads, tx.init(grads))
     >>> clipped
@@ -165,8 +147,7 @@ def value(
 
   def update_fn(updates, state, params=None):
     del state, params
-    limit = jnp.maximum(jnp.asarray(max_value), 0)
-    updates, fraction = clip_leaves(updates, limit, count_clipped)
+    updates, fraction = clip_leaves(updates, max_value, count_clipped)
     return updates, ValueState(
         clip_threshold=_numerics.as_f32(max_value),
         clipped_fraction=fraction,

@@ -1,31 +1,31 @@
 """Makes mistakes loud, and gives JAX 8 CPU devices for the sharding tests."""
 
-import os
+import jax
 
-# Must happen before JAX starts.
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "")
-    + " --xla_force_host_platform_device_count=8"
-)
-
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-
+# In-process, before JAX starts its backends: subprocesses (notebook kernels,
+# benchmark smoke runs) keep the single device a user's machine has.
+jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from optax_clipkit import _numerics  # pylint: disable=g-import-not-at-top
+from optax_clipkit import _cpu  # pylint: disable=g-import-not-at-top
 
 
-@pytest.fixture(params=["several_devices", "single_device"])
+@pytest.fixture(params=["portable", "cpu_several_devices", "cpu_single_device"])
 def reductions(request, monkeypatch):
-  """Runs a test as with several devices and as on a single device.
+  """Runs a test on each code path that reduces and scales leaves.
 
-  With 8 devices every leaf is reduced and scaled in its own shape (a leaf
-  could be sharded); on a single device leaves are flattened and small ones
-  are reduced in one pack. Both forms must give the same results.
+  ``portable`` is what GPU and TPU run (both sums of squares in one read,
+  every leaf in its own shape), run here on CPU. The CPU paths run the
+  overflow sum only when needed; with 8 devices each leaf keeps its shape (a
+  leaf could be sharded), on a single device leaves are flattened. All must
+  give the same results.
   """
-  single = request.param == "single_device"
-  monkeypatch.setattr(_numerics, "_single_device", lambda: single)
+  if request.param == "portable":
+    monkeypatch.setattr(_cpu, "dispatch",
+                        lambda cpu, default, *args: default(*args))
+  single = request.param == "cpu_single_device"
+  monkeypatch.setattr(_cpu, "single_device", lambda: single)
   return request.param

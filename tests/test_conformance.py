@@ -1,6 +1,7 @@
 """One suite over every strategy: a new strategy joins with one registry line."""
 
 import functools
+import re
 
 import chex
 import jax
@@ -8,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax import export
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import optax_clipkit as clipkit
@@ -30,8 +32,8 @@ REGISTRY = {
     "per_leaf_norm": (clipkit.per_leaf_norm, {"max_norm": 0.5}),
     "per_module": (per_module, {"max_norm": 1.0}),
     "value": (clipkit.value, {"max_value": 0.3}),
-    "value_uncounted": (functools.partial(clipkit.value, count_clipped=False),
-                        {"max_value": 0.3}),
+    "value_counted": (functools.partial(clipkit.value, count_clipped=True),
+                      {"max_value": 0.3}),
     "zclip": (clipkit.zclip, {"z_threshold": 2.5, "max_norm": 1.0}),
 }
 NAMES = sorted(REGISTRY)
@@ -218,3 +220,46 @@ def test_sharded_inputs(name):
   ref, ref_state = tx.update(g, tx.init(g))
   chex.assert_trees_all_close(out, ref, rtol=1e-5)
   chex.assert_trees_all_close(new_state, ref_state, rtol=1e-5)
+
+
+# One `stablehlo` op per line: `%name = "op"(operands...)` or `%name = op ...`.
+_DEF = re.compile(r'^\s*(%[\w#.]+)(?::\d+)?(?:,\s*%[\w#.]+)*\s*=\s*"?([\w.]+)"?(.*)$')
+_USE = re.compile(r"%[\w#.]+")
+
+
+def data_dependent_control_flow(mlir: str) -> list[str]:
+  """The `while` ops, and `case`/`if` ops whose operands are not constants."""
+  const, found = set(), []
+  for line in mlir.splitlines():
+    m = _DEF.match(line)
+    if not m:
+      continue
+    name, op, rest = m.groups()
+    uses = _USE.findall(rest.split(")")[0] if op.endswith(("case", "if"))
+                        else rest)
+    if op == "stablehlo.constant" or (uses and all(u in const for u in uses)
+                                      and op not in ("stablehlo.while",)):
+      const.add(name)
+    elif op in ("stablehlo.case", "stablehlo.if", "stablehlo.while"):
+      found.append(op)
+  return found
+
+
+def test_control_flow_checker_can_fail():
+  f = lambda x: jax.lax.cond(x.sum() > 0, lambda: x, lambda: -x)
+  mlir = export.export(jax.jit(f), platforms=["cuda"])(jnp.ones(3)).mlir_module()
+  assert data_dependent_control_flow(mlir) == ["stablehlo.case"]
+  g = lambda x: jax.lax.platform_dependent(x, cpu=f, default=jnp.negative)
+  mlir = export.export(jax.jit(g), platforms=["cuda"])(jnp.ones(3)).mlir_module()
+  assert data_dependent_control_flow(mlir) == []
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+@pytest.mark.parametrize("name", NAMES)
+def test_no_data_dependent_control_flow_on_accelerators(name, platform):
+  # On XLA:GPU a conditional or loop on data is a device-to-host sync.
+  tx = make(name)
+  g = {**grads(), "e": jnp.ones((4096, 8), jnp.bfloat16)}
+  f = jax.jit(lambda g, s: tx.update(g, s, g))
+  mlir = export.export(f, platforms=[platform])(g, tx.init(g)).mlir_module()
+  assert data_dependent_control_flow(mlir) == []
