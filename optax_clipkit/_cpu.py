@@ -19,7 +19,13 @@ same chain, interleaved in one process.
    (2026-11-23). Only on a single device: inside `jax.jit` a leaf's sharding
    is not visible, and flattening a leaf sharded along an inner axis would
    gather it.
-3. **`value`'s count runs apart** (`apart`). Fused into the loop that clips
+3. **Small leaves are packed** (`pack_small`, `per_leaf_sums`). XLA:CPU
+   compiles a reduction of a small array to a loop that takes about ten
+   times longer to compile than the library call it uses for larger ones, so
+   leaves under 4,096 elements are copied into one vector (at most 2**20
+   elements) and reduced at once. At 1,000 leaves this took the compile time
+   of a global-norm step from 0.7x optax's to 0.35x (2026-11-21).
+4. **`value`'s count runs apart** (`apart`). Fused into the loop that clips
    (and, in a training step, applies) the updates, the count made XLA:CPU's
    multi-output loop several times slower: a step of `value` alone took
    4.4x `optax.clip`'s time fused, 1.6x apart (2026-11-21).
@@ -28,10 +34,12 @@ same chain, interleaved in one process.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 from jax import lax
 import jax.numpy as jnp
+import numpy as np
 
 from optax_clipkit import _numerics
 
@@ -56,17 +64,85 @@ def vector(x: jax.Array) -> jax.Array:
   return x.ravel() if single_device() else x
 
 
+_SMALL = 4096  # Leaves with fewer elements are packed ...
+_PACK_LIMIT = 1 << 20  # ... up to this many elements in all.
+
+
+class Packed(NamedTuple):
+  """Small leaves' elements in one vector.
+
+  ``index`` lists the packed leaves; ``data`` holds their elements (real and
+  imaginary parts apart) in leaf order; ``segment`` maps each element to its
+  position in ``index``.
+  """
+
+  index: tuple[int, ...]
+  data: jax.Array
+  segment: np.ndarray
+
+
+def pack_small(leaves: Sequence[jax.Array], dtype) -> Packed | None:
+  """Packs the small leaves of `leaves` as `dtype`, if there are several.
+
+  Only on a single device, where packing moves no data between devices.
+  """
+  if not single_device():
+    return None
+  index, parts, total = [], [], 0
+  for i, x in enumerate(leaves):
+    if x.size < _SMALL and total + x.size <= _PACK_LIMIT:
+      index.append(i)
+      total += x.size
+      y = x.ravel()
+      parts.append(jnp.concatenate([y.real, y.imag]) if jnp.iscomplexobj(y)
+                   else y)
+  if len(index) < 2:
+    return None
+  sizes = [p.size for p in parts]
+  data = jnp.concatenate([p.astype(dtype) for p in parts])
+  # The barrier keeps XLA from fusing the concatenation into its reductions.
+  return Packed(tuple(index), lax.optimization_barrier(data),
+                np.repeat(np.arange(len(sizes)), sizes))
+
+
+def per_leaf_sums(leaves: Sequence[jax.Array], pack: Packed | None,
+                  leaf_sum: Callable[[jax.Array], jax.Array],
+                  elementwise: Callable[[jax.Array], jax.Array]) -> jax.Array:
+  """A vector of ``leaf_sum(x)`` per leaf, in leaf order.
+
+  The leaves in `pack` are summed together, as ``elementwise`` of the
+  packed elements summed per leaf: ``elementwise`` must give what
+  ``leaf_sum`` sums.
+  """
+  inside = set(pack.index) if pack else set()
+  rest = [i for i in range(len(leaves)) if i not in inside]
+  parts = [_numerics.stack_scalars([leaf_sum(leaves[i]) for i in rest])
+           ] if rest else []
+  if pack:
+    parts.append(jax.ops.segment_sum(
+        elementwise(pack.data), pack.segment, len(pack.index),
+        indices_are_sorted=True))
+  sums = jnp.concatenate(parts)
+  order = np.argsort(rest + list(pack.index if pack else ()))
+  return sums if np.all(order == np.arange(len(order))) else sums[order]
+
+
 def leaf_sums(leaves: Sequence[jax.Array], dtype,
               psum: Callable[[jax.Array], jax.Array]):
   """`_numerics.leaf_sums` with the overflow sum in a conditional."""
   leaves = [vector(x) for x in leaves]
-  local = _numerics.stack_scalars(
-      [_numerics.sumsq(x, dtype) for x in leaves])
-  q = psum(local)
+  pack = pack_small(leaves, dtype)
+
+  def sums(k):
+    return per_leaf_sums(leaves, pack,
+                         lambda x: _numerics.sumsq(x, dtype, k),
+                         lambda y: jnp.square(y * k if k != 1.0 else y))
+
+  q = psum(sums(1.0))
   qd = lax.cond(
       jnp.sum(q) < jnp.inf,
       lambda: q,  # Not used where the sums are in range.
-      lambda: psum(_numerics.down_sums(leaves, local, dtype)),
+      lambda: psum(sums(_numerics.down(dtype))),
   )
   return q, qd
 

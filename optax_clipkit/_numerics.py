@@ -7,7 +7,7 @@ Guarantees, on every backend:
   leaves are scaled in at least float32, then rounded back to their dtype.
 - **No overflow.** Each leaf whose squares could overflow the accumulator
   also has the sum of squares of ``x * k``, with ``k`` a power of two
-  (`_down`) small enough that no finite element overflows. Where the plain
+  (`down`) small enough that no finite element overflows. Where the plain
   sum (of a leaf, or of the whole tree) is not finite, that second sum is
   used, and the leaf is scaled as ``(x * k) * c``. Powers of two scale
   exactly, so finite updates of any size keep their direction and are never
@@ -60,7 +60,7 @@ def norm_dtype(leaves: Sequence[jax.Array]) -> jnp.dtype:
   return jnp.dtype(jnp.float64 if bits > 32 else jnp.float32)
 
 
-def _down(dtype) -> float:
+def down(dtype) -> float:
   """A power of two that brings the square of any finite `dtype` in range.
 
   2**-100 for float32: ``(3.4e38 * 2**-100)**2`` is about 2**56, leaving
@@ -97,36 +97,23 @@ def stack_scalars(scalars: Sequence[jax.Array]) -> jax.Array:
   return lax.optimization_barrier(jnp.stack(scalars))
 
 
-def down_sums(leaves: Sequence[jax.Array], q: jax.Array, dtype,
-              sums_of=None) -> jax.Array:
-  """Per-leaf sums of squares of ``x * _down(dtype)``, in leaf order.
+def down_sums(leaves: Sequence[jax.Array], q: jax.Array, dtype) -> jax.Array:
+  """Per-leaf sums of squares of ``x * down(dtype)``, in leaf order.
 
   Leaves that cannot overflow take ``q * k * k`` from their plain sums `q`
-  (each factor applied apart: ``k * k`` underflows); the others are summed
-  by ``sums_of(leaves_that_can, k)`` (by default one `sumsq` each).
+  (each factor applied apart: ``k * k`` underflows); the others are summed.
   """
-  k = _down(dtype)
+  k = down(dtype)
   kk = (q * jnp.asarray(k, dtype)) * jnp.asarray(k, dtype)
   index = [i for i, x in enumerate(leaves) if may_overflow(x, dtype)]
   if not index:
     return kk
-  if sums_of is None:
-    sums_of = lambda xs, k: stack_scalars([sumsq(x, dtype, k) for x in xs])
-  return kk.at[jnp.asarray(index)].set(sums_of([leaves[i] for i in index], k))
-
-
-def _portable_sums(leaves: Sequence[jax.Array], dtype):
-  """``(q, qd)``: per-leaf sums of squares of ``x`` and ``x * _down``.
-
-  Both sums of a leaf read it once (XLA fuses sibling reductions), in its
-  own shape.
-  """
-  q = stack_scalars([sumsq(x, dtype) for x in leaves])
-  return q, down_sums(leaves, q, dtype)
+  sums = stack_scalars([sumsq(leaves[i], dtype, k) for i in index])
+  return kk.at[jnp.asarray(index)].set(sums)
 
 
 def leaf_sums(leaves: Sequence[jax.Array], axis_name: AxisName):
-  """``(q, qd)``: per-leaf sums of squares of ``x`` and ``x * _down``.
+  """``(q, qd)``: per-leaf sums of squares of ``x`` and ``x * down``.
 
   Vectors in leaf order, `psum`'d over `axis_name`. `qd` is exact wherever
   the plain sums' total is not finite; elsewhere it may be anything finite.
@@ -136,8 +123,10 @@ def leaf_sums(leaves: Sequence[jax.Array], axis_name: AxisName):
       lambda v: lax.psum(v, axis_name))
 
   def portable(*leaves):
-    q, qd = _portable_sums(leaves, dtype)
-    return psum(q), psum(qd)
+    # Both sums of a leaf read it once (XLA fuses sibling reductions), in
+    # the leaf's own shape.
+    q = stack_scalars([sumsq(x, dtype) for x in leaves])
+    return psum(q), psum(down_sums(leaves, q, dtype))
 
   def cpu(*leaves):
     return _cpu.leaf_sums(leaves, dtype, psum)
@@ -171,7 +160,7 @@ def _norm(q: jax.Array, k: jax.Array) -> Norm:
 def _pick(q: jax.Array, qd: jax.Array, dtype) -> Norm:
   """The norm from `q` where it is finite, else from `qd`."""
   ok = _in_range(q)
-  k = jnp.where(ok, jnp.ones((), dtype), jnp.asarray(_down(dtype), dtype))
+  k = jnp.where(ok, jnp.ones((), dtype), jnp.asarray(down(dtype), dtype))
   return _norm(jnp.where(ok, q, qd), k)
 
 
@@ -222,7 +211,7 @@ def total_norm(norms: Norm) -> Norm:
   q = jnp.square(norms.scaled)
   k = norms.k
   # Bring every leaf to the smallest k. The ratios are exact powers of two
-  # (1 or `_down`) and are applied one at a time, since their squares could
+  # (1 or `down`) and are applied one at a time, since their squares could
   # underflow where the products do not.
   kmin = jnp.min(k)
   ratio = kmin / k
@@ -230,9 +219,9 @@ def total_norm(norms: Norm) -> Norm:
   total = jnp.sum(terms)
   # Every per-leaf sum is finite, yet their total may still overflow.
   overflow = ~_in_range(total) & jnp.all(_in_range(q))
-  down = jnp.asarray(_down(q.dtype), q.dtype)
-  total = jnp.where(overflow, jnp.sum(terms * down * down), total)
-  return _norm(total, jnp.where(overflow, kmin * down, kmin))
+  d = jnp.asarray(down(q.dtype), q.dtype)
+  total = jnp.where(overflow, jnp.sum(terms * d * d), total)
+  return _norm(total, jnp.where(overflow, kmin * d, kmin))
 
 
 class Scale(NamedTuple):

@@ -49,25 +49,30 @@ def clip_leaf(x: jax.Array, limit: jax.Array) -> jax.Array:
   return (jax.lax.clamp(-limit, y, limit) - (y - y)).astype(x.dtype)
 
 
-def _count_beyond(x: jax.Array, limit: jax.Array) -> jax.Array:
-  """The number of elements with ``|x| > limit``, as a float32.
+def _beyond(x: jax.Array, limit: jax.Array) -> jax.Array:
+  """1.0 where ``|x| > limit``, else 0.0, as float32; NaN where x is NaN.
 
-  Infinities count; a NaN makes it NaN. sign(relu(|x| - limit)) is 1 exactly
-  where |x| > limit: XLA:CPU sums it about 5x faster than a comparison's
-  booleans.
+  sign(relu(|x| - limit)) is 1 exactly where |x| > limit: XLA:CPU sums it
+  about 5x faster than a comparison's booleans.
   """
   excess = jnp.abs(x).astype(jnp.float32) - limit.astype(jnp.float32)
-  return jnp.sum(jnp.sign(jnp.maximum(excess, 0)))
+  return jnp.sign(jnp.maximum(excess, 0))
 
 
 def _count(leaves, limit):
-  """Sum of `_count_beyond` over `leaves` (apart from the clip on CPU)."""
+  """The number of elements beyond `limit` (apart from the clip on CPU)."""
 
-  def total(limit):
+  def portable(limit):
     return jnp.sum(_numerics.stack_scalars(
-        [_count_beyond(x, limit) for x in leaves]))
+        [jnp.sum(_beyond(x, limit)) for x in leaves]))
 
-  return _cpu.dispatch(lambda limit: _cpu.apart(total, limit), total, limit)
+  def cpu(limit):
+    pack = _cpu.pack_small(leaves, jnp.float32)
+    return jnp.sum(_cpu.per_leaf_sums(
+        leaves, pack, lambda x: jnp.sum(_beyond(x, limit)),
+        lambda y: _beyond(y, limit)))
+
+  return _cpu.dispatch(lambda limit: _cpu.apart(cpu, limit), portable, limit)
 
 
 def clip_leaves(updates, limit, count_clipped: bool = False):

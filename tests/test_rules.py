@@ -14,7 +14,7 @@ from hypothesis.extra import numpy as hnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 import optax_clipkit as clipkit
-from optax_clipkit import _numerics
+from optax_clipkit import _cpu
 from optax_clipkit import demo
 
 
@@ -191,6 +191,25 @@ def test_complex_leaves_match_numpy(factory, reductions):
   for o, x, s in zip(out, leaves, scales):
     assert o.dtype == x.dtype
     np.testing.assert_allclose(np.asarray(o), x * s, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("factory", [
+    clipkit.global_norm, clipkit.per_leaf_norm,
+    functools.partial(clipkit.value, count_clipped=True)])
+def test_small_leaves_compile_to_few_reductions_on_cpu(factory, monkeypatch):
+  # XLA:CPU compiles many small reductions slowly: on a single CPU device
+  # small leaves are packed and reduced together.
+  g = [jnp.ones((i + 1,)) for i in range(40)] + [jnp.ones((64, 128))]
+
+  def count_reductions(packed):
+    monkeypatch.setattr(_cpu, "single_device", lambda: packed)
+    tx = factory(1.0)  # A new function: no cached trace.
+    return jax.jit(tx.update).lower(g, tx.init(g)).as_text().count(
+        "stablehlo.reduce")
+
+  one_by_one, packed = count_reductions(False), count_reductions(True)
+  assert one_by_one >= 40
+  assert packed <= 12, packed
 
 
 @pytest.mark.parametrize("factory,arg", [(clipkit.global_norm, 1.0),
