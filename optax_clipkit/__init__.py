@@ -13,6 +13,8 @@ from optax_clipkit._metrics import metrics as metrics
 from optax_clipkit._per_leaf_norm import per_leaf_norm as per_leaf_norm
 from optax_clipkit._per_module import per_module as per_module
 from optax_clipkit._per_leaf_norm import PerLeafNormState as PerLeafNormState
+from optax_clipkit._skip import skip_spikes as skip_spikes
+from optax_clipkit._skip import SkipSpikesState as SkipSpikesState
 from optax_clipkit._value import value as value
 from optax_clipkit._value import ValueState as ValueState
 from optax_clipkit._zscore import zclip as zclip
@@ -25,6 +27,7 @@ __all__ = (
     "AutoClipState",
     "GlobalNormState",
     "PerLeafNormState",
+    "SkipSpikesState",
     "ValueState",
     "ZClipState",
     "adaptive",
@@ -33,6 +36,7 @@ __all__ = (
     "metrics",
     "per_leaf_norm",
     "per_module",
+    "skip_spikes",
     "value",
     "zclip",
 )

@@ -29,6 +29,8 @@ REGISTRY = {
     "global_norm": (clipkit.global_norm, {"max_norm": 1.0}),
     "per_leaf_norm": (clipkit.per_leaf_norm, {"max_norm": 0.5}),
     "per_module": (per_module, {"max_norm": 1.0}),
+    "skip_spikes": (lambda sigma: clipkit.skip_spikes(
+        clipkit.global_norm(1.0), sigma=sigma, window=4), {"sigma": 6.0}),
     "value": (clipkit.value, {"max_value": 0.3}),
     "value_uncounted": (functools.partial(clipkit.value, count_clipped=False),
                         {"max_value": 0.3}),
@@ -218,3 +220,36 @@ def test_sharded_inputs(name):
   ref, ref_state = tx.update(g, tx.init(g))
   chex.assert_trees_all_close(out, ref, rtol=1e-5)
   chex.assert_trees_all_close(new_state, ref_state, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_shape_dtype_shard_stability(name):
+  # An update leaves the state's structure, shapes, dtypes (weak types too)
+  # and shardings as init made them, so it can be a scan carry, a donated
+  # buffer or a branch of lax.cond (optax contrib/_common_test.py).
+  mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+  shardings = {"w": NamedSharding(mesh, P("data", "model")),
+               "b": NamedSharding(mesh, P("model")),
+               "nested": [NamedSharding(mesh, P())]}
+  g = jax.device_put(grads(), shardings)
+  tx = make(name)
+  state = jax.jit(tx.init)(g)
+
+  @jax.jit
+  def step(updates, state, flip):
+    # lax.cond raises unless both branches give the same types.
+    return jax.lax.cond(flip, lambda: tx.update(updates, state, g)[1],
+                        lambda: state)
+
+  new_state = state
+  for seed in range(3):
+    new_state = step(jax.device_put(grads(seed=seed), shardings), new_state,
+                     jnp.bool_(True))
+  assert jax.tree.structure(new_state) == jax.tree.structure(state)
+  chex.assert_trees_all_equal_shapes_and_dtypes(new_state, state)
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(new_state)):
+    if a.sharding.is_fully_replicated:
+      assert b.sharding.is_fully_replicated, (a.sharding, b.sharding)
+    else:
+      assert b.sharding.is_equivalent_to(a.sharding, a.ndim), (a.sharding,
+                                                               b.sharding)
