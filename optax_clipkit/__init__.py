@@ -10,6 +10,8 @@ from optax_clipkit._autoclip import AutoClipState as AutoClipState
 from optax_clipkit._global_norm import global_norm as global_norm
 from optax_clipkit._global_norm import GlobalNormState as GlobalNormState
 from optax_clipkit._metrics import metrics as metrics
+from optax_clipkit._monitor import monitor as monitor
+from optax_clipkit._monitor import MonitorState as MonitorState
 from optax_clipkit._per_leaf_norm import per_leaf_norm as per_leaf_norm
 from optax_clipkit._per_module import per_module as per_module
 from optax_clipkit._per_leaf_norm import PerLeafNormState as PerLeafNormState
@@ -26,6 +28,7 @@ __all__ = (
     "AdaptiveState",
     "AutoClipState",
     "GlobalNormState",
+    "MonitorState",
     "PerLeafNormState",
     "SkipSpikesState",
     "ValueState",
@@ -34,6 +37,7 @@ __all__ = (
     "autoclip",
     "global_norm",
     "metrics",
+    "monitor",
     "per_leaf_norm",
     "per_module",
     "skip_spikes",

@@ -77,7 +77,7 @@ def tag(state: Any, **attrs: Any) -> Any:
     )
   cls = type(state)
   merged = {k: v for k, v in cls.__dict__.items()
-            if k == _NAME or k in _LABELS.values()}
+            if k.startswith("_clipkit_") and k != "_clipkit_tagged"}
   merged.update(attrs)
   return _subclass(_base(cls), tuple(sorted(merged.items())))(*state)
 

@@ -27,6 +27,9 @@ REGISTRY = {
     "adaptive": (clipkit.adaptive, {"percentile": 10.0, "max_norm": 1.0}),
     "autoclip": (clipkit.autoclip, {"percentile": 10.0, "max_norm": 1.0}),
     "global_norm": (clipkit.global_norm, {"max_norm": 1.0}),
+    # monitor is the identity: chained before a clip, so the output differs.
+    "monitor": (lambda max_norm: optax.chain(
+        clipkit.monitor(), clipkit.global_norm(max_norm)), {"max_norm": 1.0}),
     "per_leaf_norm": (clipkit.per_leaf_norm, {"max_norm": 0.5}),
     "per_module": (per_module, {"max_norm": 1.0}),
     "skip_spikes": (lambda sigma: clipkit.skip_spikes(
