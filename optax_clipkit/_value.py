@@ -107,7 +107,8 @@ def clip_leaves(updates, limit, count_clipped: bool = True):
 
 
 def value(
-    max_value: jax.typing.ArrayLike, *, count_clipped: bool = True
+    max_value: jax.typing.ArrayLike, *, count_clipped: bool = True,
+    name: str | None = None,
 ) -> optax.GradientTransformation:
   r"""Clips every element of the updates to ``[-max_value, max_value]``.
 
@@ -133,6 +134,7 @@ def value(
       zero.
     count_clipped: Whether to count the clipped elements (the
       ``clipped_fraction`` metric).
+    name: If given, the metrics are reported as ``"<name>/<metric>"``.
 
   Returns:
     A :class:`optax.GradientTransformation` whose state, `ValueState`, holds
@@ -172,4 +174,4 @@ def value(
         clipped_fraction=fraction,
     )
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return _metrics.named(optax.GradientTransformation(init_fn, update_fn), name)
