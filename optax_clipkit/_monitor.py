@@ -3,7 +3,8 @@
 The groups are fixed by the tree's structure when the state is initialised;
 their names live in the state's class (see `_metrics.tag`), their values in
 float32 vectors with one entry per group, which `metrics` expands into keys.
-Norms are the shared overflow-safe ones of `_numerics`.
+Norms are the shared overflow-safe ones of `_numerics`: one per leaf, in one
+pass, then combined per group.
 """
 
 from __future__ import annotations
@@ -186,42 +187,51 @@ def monitor(
     return _metrics.tag(MonitorState(zero, zero, zero, zero),
                         **{_GROUPS: tuple(names), _SKIP: skip})
 
-  def group_norms(tree, names, skip):
+  def grouped(tree, names, skip):
+    """The leaves of `tree` and the index of each one's group."""
     leaves_with_path = jax.tree_util.tree_flatten_with_path(tree)[0]
     found = labels([_per_module.leaf_path(p) for p, _ in leaves_with_path],
                    skip)
-    members: list[list[jax.Array]] = [[] for _ in names]
-    for (_, leaf), label in zip(leaves_with_path, found):
+    for label in found:
       if label not in names:
         raise ValueError(
             f"A leaf of group {label!r} is not among the groups found at init"
             f" {list(names)}: the tree's structure changed since init."
         )
-      members[names.index(label)].append(leaf)
-    norms = [_numerics.as_f32(_numerics.global_norm(m, axis_name).value)
-             for m in members]
-    return jnp.stack(norms) if norms else jnp.zeros((0,), jnp.float32), members
+    return [leaf for _, leaf in leaves_with_path], [names.index(label)
+                                                     for label in found]
 
   def update_fn(updates, state, params=None):
     cls = type(state)
     names, skip = getattr(cls, _GROUPS), getattr(cls, _SKIP)
-    update_norm, members = group_norms(updates, names, skip)
-    if params is None:
-      param_norm = jnp.zeros_like(update_norm)
-    else:
-      param_norm, _ = group_norms(params, names, skip)
+    g = len(names)
+    leaves, index = grouped(updates, names, skip)
+    if params is not None:  # Its groups are numbered after the updates'.
+      p_leaves, p_index = grouped(params, names, skip)
+      leaves, index = leaves + p_leaves, index + [g + i for i in p_index]
+    # One pass: every leaf's norm at once, then each group's from its leaves'.
+    per_leaf, _ = _numerics.clip_norms(leaves, jnp.inf, axis_name,
+                                       per_leaf=True)
+    totals = []
+    for group in range(2 * g):
+      idx = jnp.asarray([i for i, j in enumerate(index) if j == group],
+                        jnp.int32)
+      part = _numerics.Norm(*(x[idx] for x in per_leaf))
+      totals.append(_numerics.as_f32(_numerics.total_norm(part).value))
+    totals = jnp.stack(totals) if totals else jnp.zeros((0,), jnp.float32)
+    update_norm, param_norm = totals[:g], totals[g:]
     ratio = update_norm / jnp.where(param_norm > 0, param_norm, 1.0)
     ratio = jnp.where(param_norm > 0, ratio, 0.0)
-    counts = []
-    for m in members:
-      c = sum((jnp.sum(~jnp.isfinite(x), dtype=jnp.int32) for x in m),
-              jnp.zeros((), jnp.int32))
-      if axis_name is not None:
-        c = jax.lax.psum(c, axis_name)
-      counts.append(c.astype(jnp.float32))
-    nonfinite = jnp.stack(counts) if counts else jnp.zeros((0,), jnp.float32)
+    counts = [jnp.zeros((), jnp.int32) for _ in range(g)]
+    for x, j in zip(leaves, index):
+      if j < g:
+        counts[j] += jnp.sum(~jnp.isfinite(x), dtype=jnp.int32)
+    nonfinite = jnp.stack(counts) if counts else jnp.zeros((0,), jnp.int32)
+    if axis_name is not None:
+      nonfinite = jax.lax.psum(nonfinite, axis_name)
     return updates, _metrics.tag(
-        MonitorState(update_norm, param_norm, ratio, nonfinite),
+        MonitorState(update_norm, param_norm, ratio,
+                     nonfinite.astype(jnp.float32)),
         **{_GROUPS: names, _SKIP: skip},
     )
 
