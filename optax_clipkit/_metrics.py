@@ -287,12 +287,24 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
   `per_module`, the group names (``"head/grad_norm"``). A state holding no
   clipkit transformation gives an empty dict.
 
+  **Stable keys.** A transformation given ``name=`` reports
+  ``"<name>/<key>"`` wherever it sits: editing the rest of the chain does
+  not change its keys. Two with the same name raise a ValueError.
+
+  Values are float32 arrays, also under `nnx.Optimizer` (never NNX
+  Variables). A state restored without a target (e.g. by orbax, as dicts)
+  is read by its field names; names and `monitor` groups, which are not
+  saved, are then lost. The full schema is in ``docs/metrics.md``.
+
   Args:
     opt_state: The state of an optax transformation, e.g. from
       ``tx.init(params)`` or ``tx.update(...)``.
 
   Returns:
     A dict mapping metric names to float32 scalars.
+
+  Raises:
+    ValueError: If two transformations in `opt_state` share a name.
 
   Examples:
     >>> import jax.numpy as jnp
