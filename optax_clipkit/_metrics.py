@@ -54,8 +54,19 @@ def register_state(
 
 @functools.cache
 def _subclass(base: type, attrs: tuple[tuple[str, Any], ...]) -> type:
+
+  def __reduce__(self):  # pylint: disable=invalid-name
+    # Pickled as (base class, attributes, fields): the subclass itself is
+    # made at run time and cannot be found by name.
+    return _rebuild, (base, attrs, tuple(self))
+
   return type(base.__name__, (base,),
-              {"__slots__": (), "_clipkit_tagged": True, **dict(attrs)})
+              {"__slots__": (), "_clipkit_tagged": True,
+               "__reduce__": __reduce__, **dict(attrs)})
+
+
+def _rebuild(base: type, attrs: tuple[tuple[str, Any], ...], fields: tuple):
+  return _subclass(base, attrs)(*fields)
 
 
 def _base(cls: type) -> type:

@@ -1,5 +1,8 @@
 """The metrics schema: names, finite thresholds, what a bad step shows."""
 
+import copy
+import pickle
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,6 +42,16 @@ def test_every_factory_takes_a_name(factory):
     assert {k for k in m if k.startswith("x/")} == keys
     for k in keys:
       np.testing.assert_array_equal(m[k], clipkit.metrics(alone_state)[k])
+
+
+def test_named_states_pickle_and_copy():
+  tx = optax.chain(clipkit.monitor(name="m"),
+                   clipkit.skip_spikes(clipkit.global_norm(1.0), name="g"))
+  g = {"a": jnp.ones(2)}
+  _, state = tx.update(g, tx.init(g), g)
+  for copied in (pickle.loads(pickle.dumps(state)), copy.deepcopy(state)):
+    assert jax.tree.structure(copied) == jax.tree.structure(state)
+    assert clipkit.metrics(copied).keys() == clipkit.metrics(state).keys()
 
 
 def test_per_module_named_keys():
