@@ -34,14 +34,14 @@ class MonitorState(NamedTuple):
     param_norm: L2 norm of the group's parameters (0 without `params`).
     update_param_ratio: ``update_norm / param_norm`` (0 where `param_norm`
       is 0).
-    nonfinite_count: Number of NaN or infinite elements in the group's
-      incoming updates.
+    nonfinite_leaves: Number of the group's leaves whose incoming updates
+      hold a NaN or an infinity.
   """
 
   update_norm: jax.Array
   param_norm: jax.Array
   update_param_ratio: jax.Array
-  nonfinite_count: jax.Array
+  nonfinite_leaves: jax.Array
 
 
 _metrics.register_state(
@@ -49,7 +49,7 @@ _metrics.register_state(
     "update_norm",
     "param_norm",
     "update_param_ratio",
-    "nonfinite_count",
+    "nonfinite_leaves",
     labels=_GROUPS,
 )
 
@@ -110,7 +110,7 @@ def monitor(
 
   An identity transformation whose state holds, for each group of leaves,
   the L2 norm of the incoming updates, the L2 norm of the parameters, their
-  ratio and the number of non-finite elements in the updates. Placed before
+  ratio and the number of leaves whose updates are not finite. Placed before
   the optimizer it watches the gradients; placed after it, the steps (the
   update/parameter ratio of a healthy layer is small and steady; one that
   grows shows a layer running away before the loss does).
@@ -125,11 +125,12 @@ def monitor(
 
   **Metrics.** :func:`optax_clipkit.metrics` reports
   ``"<name>/<group>/update_norm"``, ``.../param_norm``,
-  ``.../update_param_ratio`` and ``.../nonfinite_count``, wherever the
+  ``.../update_param_ratio`` and ``.../nonfinite_leaves``, wherever the
   monitor sits. Give two monitors distinct names.
 
-  Each norm is one fused reduction over the leaves, in float32 and
-  overflow-safe; nothing leaves the device.
+  Its cost is one pass of per-leaf norms over the updates and parameters
+  together (float32, overflow-safe); the non-finite leaves are read off
+  those norms. Nothing leaves the device.
 
   Args:
     groups: None for the top-level modules; else a sequence of patterns (each
@@ -206,6 +207,7 @@ def monitor(
     names, skip = getattr(cls, _GROUPS), getattr(cls, _SKIP)
     g = len(names)
     leaves, index = grouped(updates, names, skip)
+    n_updates = len(leaves)
     if params is not None:  # Its groups are numbered after the updates'.
       p_leaves, p_index = grouped(params, names, skip)
       leaves, index = leaves + p_leaves, index + [g + i for i in p_index]
@@ -222,16 +224,12 @@ def monitor(
     update_norm, param_norm = totals[:g], totals[g:]
     ratio = update_norm / jnp.where(param_norm > 0, param_norm, 1.0)
     ratio = jnp.where(param_norm > 0, ratio, 0.0)
-    counts = [jnp.zeros((), jnp.int32) for _ in range(g)]
-    for x, j in zip(leaves, index):
-      if j < g:
-        counts[j] += jnp.sum(~jnp.isfinite(x), dtype=jnp.int32)
-    nonfinite = jnp.stack(counts) if counts else jnp.zeros((0,), jnp.int32)
-    if axis_name is not None:
-      nonfinite = jax.lax.psum(nonfinite, axis_name)
+    # A leaf's scaled norm is finite exactly when all its elements are.
+    bad = (~jnp.isfinite(per_leaf.scaled)).astype(jnp.float32)
+    nonfinite = jnp.zeros((g,), jnp.float32).at[
+        jnp.asarray(index[:n_updates], jnp.int32)].add(bad[:n_updates])
     return updates, _metrics.tag(
-        MonitorState(update_norm, param_norm, ratio,
-                     nonfinite.astype(jnp.float32)),
+        MonitorState(update_norm, param_norm, ratio, nonfinite),
         **{_GROUPS: names, _SKIP: skip},
     )
 

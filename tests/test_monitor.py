@@ -42,7 +42,7 @@ def test_default_groups_match_numpy():
   assert sorted(m) == sorted(
       f"monitor/{g}/{k}" for g in ("Dense_0", "Dense_1", "LayerNorm_0")
       for k in ("update_norm", "param_norm", "update_param_ratio",
-                "nonfinite_count"))
+                "nonfinite_leaves"))
   for group in ("Dense_0", "LayerNorm_0"):
     u = np_norm(jax.tree.leaves(grads["params"][group]))
     p = np_norm(jax.tree.leaves(params["params"][group]))
@@ -50,8 +50,8 @@ def test_default_groups_match_numpy():
     np.testing.assert_allclose(m[f"monitor/{group}/param_norm"], p, rtol=1e-6)
     np.testing.assert_allclose(m[f"monitor/{group}/update_param_ratio"], u / p,
                                rtol=1e-6)
-    assert m[f"monitor/{group}/nonfinite_count"] == 0
-  assert m["monitor/Dense_1/nonfinite_count"] == 2
+    assert m[f"monitor/{group}/nonfinite_leaves"] == 0
+  assert m["monitor/Dense_1/nonfinite_leaves"] == 1  # The kernel.
   assert np.isnan(m["monitor/Dense_1/update_norm"])
   for v in m.values():
     assert isinstance(v, jax.Array) and v.dtype == jnp.float32 and v.shape == ()
@@ -110,7 +110,7 @@ def test_axis_name_makes_norms_and_counts_global():
   state = jax.shard_map(local, mesh=mesh, in_specs=(P("data"), P()),
                         out_specs=P())(g, tx.init(g))
   m = clipkit.metrics(state)
-  assert m["monitor/w/nonfinite_count"] == 1
+  assert m["monitor/w/nonfinite_leaves"] == 1
   np.testing.assert_allclose(m["monitor/v/update_norm"], np.sqrt(8.0))
 
 
