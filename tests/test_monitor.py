@@ -57,6 +57,15 @@ def test_default_groups_match_numpy():
     assert isinstance(v, jax.Array) and v.dtype == jnp.float32 and v.shape == ()
 
 
+def test_finite_updates_beyond_float32_are_not_counted_as_nonfinite():
+  g = {"big": jnp.full(4, 3e38, jnp.float32), "nan": jnp.array([jnp.nan, 1.0])}
+  tx = clipkit.monitor()
+  _, state = tx.update(g, tx.init(g))
+  m = clipkit.metrics(state)
+  assert m["monitor/big/nonfinite_leaves"] == 0
+  assert m["monitor/nan/nonfinite_leaves"] == 1
+
+
 def test_group_rules():
   params = linen_tree(0)
   grads = linen_tree(1)
