@@ -13,6 +13,8 @@ to keep the numbers). Prints markdown tables.
   `global_norm`.
 - Achieved read bandwidth of the global-norm pass (GB/s) against a plain
   sum over the same bytes and, on GPUs and TPUs, the device's peak.
+- The overhead of the training guard, `skip_spikes`, and of `monitor` over
+  the bare AdamW step.
 - Compiled temporary memory against optax.
 - The exploding-gradient study of ``benchmarks/exploding.py`` (full run only).
 - ``torch.nn.utils.clip_grad_norm_`` (foreach) on the same tree, if torch is
@@ -154,6 +156,28 @@ def stateful_overhead(quick):
       rows.append({"strategy": k, "optimizer": opt_name,
                    "vs_global_norm": _harness.median_ratio(t, k, "global_norm")})
   return rows
+
+
+def guard_overhead(quick):
+  """`skip_spikes` and `monitor` over the bare AdamW step they wrap."""
+  make = trees(quick)["transformer"]
+  grads, params = make(jnp.float32, 1), make(jnp.float32, 2)
+  adamw = lambda: optax.adamw(1e-3)
+  clipped = lambda: optax.chain(clipkit.global_norm(1.0), adamw())
+  cands = {
+      "adamw": adamw(),
+      "skip_spikes(adamw)": clipkit.skip_spikes(adamw()),
+      "chain(monitor, adamw)": optax.chain(clipkit.monitor(), adamw()),
+      "global_norm + adamw": clipped(),
+      "skip_spikes(global_norm + adamw)": clipkit.skip_spikes(clipped()),
+  }
+  t = _harness.interleaved_times(cands, grads, params,
+                                 rounds=1 if quick else 20)
+  base = {"skip_spikes(adamw)": "adamw", "chain(monitor, adamw)": "adamw",
+          "skip_spikes(global_norm + adamw)": "global_norm + adamw"}
+  return [{"step": k, "params_M": _harness.n_params(grads) / 1e6,
+           "ms": 1e3 * float(np.median(t[k])), "over": b,
+           "ratio": _harness.median_ratio(t, k, b)} for k, b in base.items()]
 
 
 def compile_times(quick):
@@ -298,6 +322,11 @@ def main():
       ["device", "tree", "dtype", "MB read", "clipkit GB/s", "optax GB/s",
        "plain sum GB/s", "peak GB/s", "clipkit/peak"],
       [list(r.values()) for r in rows]))
+  results["guard"] = rows = guard_overhead(q)
+  print("\n## Training guard and monitor over the step they wrap"
+        " (transformer tree, float32)\n")
+  print(_harness.table(["step", "M params", "ms", "over", "ratio"],
+                       [list(r.values()) for r in rows]))
 
   results["compile"] = rows = compile_times(q)
   print("\n## Compile time of one step\n")

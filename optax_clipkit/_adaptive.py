@@ -51,6 +51,7 @@ def adaptive(
     growth: jax.typing.ArrayLike = 0.01,
     max_norm: jax.typing.ArrayLike | None = None,
     axis_name: _numerics.AxisName = None,
+    name: str | None = None,
 ) -> optax.GradientTransformation:
   r"""Clips the global norm to a tenth of the recent median norm; no tuning.
 
@@ -119,6 +120,7 @@ def adaptive(
       number.
     axis_name: Mapped axis name(s) over which the norm is global under
       `shard_map`/`pmap`; see :func:`global_norm`.
+    name: If given, the metrics are reported as ``"<name>/<metric>"``.
 
   Returns:
     A :class:`optax.GradientTransformation` with state `AdaptiveState`.
@@ -168,4 +170,4 @@ def adaptive(
     )
     return updates, AdaptiveState(*metrics, *history)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return _metrics.named(optax.GradientTransformation(init_fn, update_fn), name)

@@ -45,6 +45,7 @@ def autoclip(
     *,
     max_norm: jax.typing.ArrayLike | None = None,
     axis_name: _numerics.AxisName = None,
+    name: str | None = None,
 ) -> optax.GradientTransformation:
   r"""AutoClip: clips the global norm to a percentile of past norms.
 
@@ -80,6 +81,7 @@ def autoclip(
       number.
     axis_name: Mapped axis name(s) over which the norm is global under
       `shard_map`/`pmap`; see :func:`global_norm`.
+    name: If given, the metrics are reported as ``"<name>/<metric>"``.
 
   Returns:
     A :class:`optax.GradientTransformation` with state `AutoClipState`.
@@ -122,4 +124,4 @@ def autoclip(
     )
     return updates, AutoClipState(*metrics, buffer, count)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return _metrics.named(optax.GradientTransformation(init_fn, update_fn), name)

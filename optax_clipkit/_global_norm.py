@@ -61,6 +61,7 @@ def global_norm(
     max_norm: jax.typing.ArrayLike,
     *,
     axis_name: _numerics.AxisName = None,
+    name: str | None = None,
 ) -> optax.GradientTransformation:
   r"""Clips updates to a maximum global L2 norm.
 
@@ -99,6 +100,7 @@ def global_norm(
       updates into NaN, so the mistake cannot pass unseen.
     axis_name: Mapped axis name (or tuple of names) over which to sum the
       squared norm under `shard_map`/`pmap`. None for a local norm.
+    name: If given, the metrics are reported as ``"<name>/<metric>"``.
 
   Returns:
     A :class:`optax.GradientTransformation` whose state, `GlobalNormState`,
@@ -137,4 +139,4 @@ def global_norm(
         clip_scale=_numerics.as_f32(scale.applied),
     )
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return _metrics.named(optax.GradientTransformation(init_fn, update_fn), name)

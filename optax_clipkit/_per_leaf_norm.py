@@ -43,6 +43,7 @@ def per_leaf_norm(
     max_norm: jax.typing.ArrayLike,
     *,
     axis_name: _numerics.AxisName = None,
+    name: str | None = None,
 ) -> optax.GradientTransformation:
   r"""Clips each leaf of the updates to a maximum L2 norm of its own.
 
@@ -64,6 +65,7 @@ def per_leaf_norm(
       turns the updates into NaN.
     axis_name: Mapped axis name (or tuple of names) over which to sum the
       squared norms under `shard_map`/`pmap`. None for local norms.
+    name: If given, the metrics are reported as ``"<name>/<metric>"``.
 
   Returns:
     A :class:`optax.GradientTransformation` whose state, `PerLeafNormState`,
@@ -109,4 +111,4 @@ def per_leaf_norm(
     )
     return jax.tree.unflatten(treedef, out), new_state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return _metrics.named(optax.GradientTransformation(init_fn, update_fn), name)

@@ -9,6 +9,7 @@ from typing import Any, Union
 import jax
 import optax
 
+from optax_clipkit import _metrics
 from optax_clipkit import _validation
 from optax_clipkit import _value
 
@@ -87,6 +88,8 @@ def _parse_rules(rules) -> list[tuple[str, re.Pattern, optax.GradientTransformat
 def per_module(
     rules: Mapping[str, Rule] | Sequence[tuple],
     default: optax.GradientTransformation | None = None,
+    *,
+    name: str | None = None,
 ) -> optax.GradientTransformation:
   r"""Applies a different clipping to each group of parameters, by path.
 
@@ -118,6 +121,7 @@ def per_module(
       ``clipkit.value(c, count_clipped=True)``.
     default: The transformation for the leaves no rule matches, e.g.
       ``optax.identity()``. If None, every leaf must match a rule.
+    name: If given, the metrics are reported as ``"<name>/<metric>"``.
 
   Returns:
     An `optax.GradientTransformation` (an `optax.partition` of the groups).
@@ -184,4 +188,4 @@ def per_module(
     cache[treedef] = out
     return jax.tree.unflatten(treedef, out)
 
-  return optax.partition(transforms, labels)
+  return _metrics.named(optax.partition(transforms, labels), name)

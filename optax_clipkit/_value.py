@@ -96,7 +96,8 @@ def clip_leaves(updates, limit, count_clipped: bool = False):
 
 
 def value(
-    max_value: jax.typing.ArrayLike, *, count_clipped: bool = False
+    max_value: jax.typing.ArrayLike, *, count_clipped: bool = False,
+    name: str | None = None,
 ) -> optax.GradientTransformation:
   r"""Clips every element of the updates to ``[-max_value, max_value]``.
 
@@ -120,6 +121,7 @@ def value(
       turns every update into NaN, so the mistake cannot pass unseen.
     count_clipped: Whether to count the clipped elements (the
       ``clipped_fraction`` metric). Structural: a bool.
+    name: If given, the metrics are reported as ``"<name>/<metric>"``.
 
   Returns:
     A :class:`optax.GradientTransformation` whose state, `ValueState`, holds
@@ -158,4 +160,4 @@ def value(
         clipped_fraction=fraction,
     )
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return _metrics.named(optax.GradientTransformation(init_fn, update_fn), name)

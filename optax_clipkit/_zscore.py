@@ -20,7 +20,10 @@ class ZClipState(NamedTuple):
 
   Attributes:
     grad_norm: Global L2 norm of the last incoming updates (float32).
-    clip_threshold: The threshold of the last update (inf if not clipped).
+    clip_threshold: The norm above which the last update would be clipped,
+      :math:`\\mu + z_\\text{thr}(\\sigma + \\epsilon)` capped at `max_norm`;
+      during warm-up `max_norm`, or 0 without one. (A clipped update's norm
+      is ``grad_norm * clip_scale``, below this.)
     clip_scale: The factor the last updates were multiplied by.
     norm_mean: The EMA mean :math:`\\mu` of the norms (0 during warm-up).
     norm_std: :math:`\\sigma = \\sqrt{\\sigma^2}`, reported as a metric.
@@ -60,6 +63,7 @@ def zclip(
     eps: jax.typing.ArrayLike = 1e-6,
     max_norm: jax.typing.ArrayLike | None = None,
     axis_name: _numerics.AxisName = None,
+    name: str | None = None,
 ) -> optax.GradientTransformation:
   r"""ZClip: clips spikes of the global norm by their z-score.
 
@@ -102,6 +106,7 @@ def zclip(
     max_norm: Optional absolute ceiling, a non-negative number.
     axis_name: Mapped axis name(s) over which the norm is global under
       `shard_map`/`pmap`; see :func:`global_norm`.
+    name: If given, the metrics are reported as ``"<name>/<metric>"``.
 
   Returns:
     A :class:`optax.GradientTransformation` with state `ZClipState`; its
@@ -142,7 +147,7 @@ def zclip(
     zero = jnp.zeros((), jnp.float32)
     grad_norm, _, scale = _global_norm.init_norm_metrics()
     return ZClipState(
-        grad_norm, jnp.asarray(jnp.inf, jnp.float32), scale,
+        grad_norm, in_force(None), scale,
         zero, zero, zero, zero,
         warmup_norms=jnp.zeros((size,), jnp.float32),
         warmup_count=jnp.zeros((), jnp.int32),
@@ -175,6 +180,16 @@ def zclip(
     threshold = jnp.where(spike, clipped, jnp.inf)
     return threshold, (mean, var, norms, count, jnp.where(warm, z, 0.0))
 
+  def in_force(state):
+    """mu + z_thr (sigma + eps) capped at `max_norm`; before: `max_norm` or 0."""
+    t = jnp.asarray(jnp.inf, jnp.float32)
+    if state is not None:  # None at init: still warming up.
+      trigger = state.norm_mean + _numerics.as_f32(z_threshold) * (
+          jnp.sqrt(state.norm_var) + _numerics.as_f32(eps))
+      t = jnp.where(state.warmup_count >= size, trigger, t)
+    t = _history.ceiling(t, max_norm)
+    return jnp.where(jnp.isfinite(t), t, 0.0)
+
   def update_fn(updates, state, params=None):
     del params
     stats = (state.norm_mean, state.norm_var, state.warmup_norms,
@@ -184,8 +199,10 @@ def zclip(
         max_norm=max_norm, axis_name=axis_name,
     )
     mean, var, norms, count, z = stats
+    del threshold  # Reported: the threshold in force, finite (see below).
     return updates, ZClipState(
-        norm, threshold, scale, mean, jnp.sqrt(var), z, var, norms, count
+        norm, in_force(state), scale, mean, jnp.sqrt(var), z, var, norms,
+        count
     )
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return _metrics.named(optax.GradientTransformation(init_fn, update_fn), name)

@@ -12,7 +12,7 @@ NOTEBOOKS = sorted(
 
 
 def test_there_are_notebooks():
-  assert len(NOTEBOOKS) == 4
+  assert len(NOTEBOOKS) == 5
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
