@@ -60,13 +60,15 @@ def norm_dtype(leaves: Sequence[jax.Array]) -> jnp.dtype:
   return jnp.dtype(jnp.float64 if bits > 32 else jnp.float32)
 
 
-def down(dtype) -> float:
+def down(dtype) -> jax.Array:
   """A power of two that brings the square of any finite `dtype` in range.
 
   2**-100 for float32: ``(3.4e38 * 2**-100)**2`` is about 2**56, leaving
-  room for sums over 2**70 elements.
+  room for sums over 2**70 elements. Behind an optimization barrier, so that
+  XLA cannot fold ``k * k`` (zero in float32) into a product with it.
   """
-  return 2.0 ** -(jnp.finfo(dtype).maxexp // 2 + 36)
+  k = 2.0 ** -(jnp.finfo(dtype).maxexp // 2 + 36)
+  return lax.optimization_barrier(jnp.asarray(k, dtype))
 
 
 def may_overflow(x: jax.Array, dtype) -> bool:
@@ -76,11 +78,11 @@ def may_overflow(x: jax.Array, dtype) -> bool:
   return bits >= jnp.finfo(dtype).maxexp
 
 
-def sumsq(x: jax.Array, dtype, k: float = 1.0) -> jax.Array:
-  """sum(|x * k|**2) in `dtype`, with `k` a Python constant."""
+def sumsq(x: jax.Array, dtype, k: jax.Array | None = None) -> jax.Array:
+  """sum(|x * k|**2) in `dtype` (``k = 1`` if None)."""
   y = x.astype(compute_dtype(x.dtype))
-  if k != 1.0:
-    y = y * jnp.asarray(k, y.dtype)
+  if k is not None:
+    y = y * k.astype(y.dtype)
   if jnp.iscomplexobj(y):
     sq = jnp.square(y.real) + jnp.square(y.imag)
   else:
@@ -104,7 +106,7 @@ def down_sums(leaves: Sequence[jax.Array], q: jax.Array, dtype) -> jax.Array:
   (each factor applied apart: ``k * k`` underflows); the others are summed.
   """
   k = down(dtype)
-  kk = (q * jnp.asarray(k, dtype)) * jnp.asarray(k, dtype)
+  kk = (q * k) * k
   index = [i for i, x in enumerate(leaves) if may_overflow(x, dtype)]
   if not index:
     return kk
@@ -160,7 +162,7 @@ def _norm(q: jax.Array, k: jax.Array) -> Norm:
 def _pick(q: jax.Array, qd: jax.Array, dtype) -> Norm:
   """The norm from `q` where it is finite, else from `qd`."""
   ok = _in_range(q)
-  k = jnp.where(ok, jnp.ones((), dtype), jnp.asarray(down(dtype), dtype))
+  k = jnp.where(ok, jnp.ones((), dtype), down(dtype))
   return _norm(jnp.where(ok, q, qd), k)
 
 
@@ -219,7 +221,7 @@ def total_norm(norms: Norm) -> Norm:
   total = jnp.sum(terms)
   # Every per-leaf sum is finite, yet their total may still overflow.
   overflow = ~_in_range(total) & jnp.all(_in_range(q))
-  d = jnp.asarray(down(q.dtype), q.dtype)
+  d = down(q.dtype)
   total = jnp.where(overflow, jnp.sum(terms * d * d), total)
   return _norm(total, jnp.where(overflow, kmin * d, kmin))
 

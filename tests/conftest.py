@@ -14,7 +14,7 @@ from optax_clipkit import _cpu  # pylint: disable=g-import-not-at-top
 
 
 @pytest.fixture(params=["portable", "cpu_several_devices", "cpu_single_device"])
-def reductions(request, monkeypatch):
+def code_path(request, monkeypatch):
   """Runs a test on each code path that reduces and scales leaves.
 
   ``portable`` is what GPU and TPU run (both sums of squares in one read,

@@ -133,7 +133,7 @@ def standard_promotion():
 
 
 @pytest.mark.usefixtures("standard_promotion")
-def test_inner_state_is_bit_identical_on_skipped_steps():
+def test_inner_state_is_bit_identical_on_skipped_steps(code_path):
   tx = clipkit.skip_spikes(adamw_inner(), window=8, warmup=4)
   params = {"w": jnp.linspace(-1.0, 1.0, 6), "b": jnp.ones(2)}
   state = tx.init(params)
@@ -175,7 +175,7 @@ class _Recorder:
         lambda p: optax.EmptyState(), update)
 
 
-def test_loss_extra_arg_is_judged_and_passed_on():
+def test_loss_extra_arg_is_judged_and_passed_on(code_path):
   rec = _Recorder()
   tx = clipkit.skip_spikes(rec.tx(), window=4)
   g = {"w": jnp.ones(2)}
@@ -194,7 +194,7 @@ def test_loss_extra_arg_is_judged_and_passed_on():
     tx.update(g, state, g, loss=jnp.ones(2))
 
 
-def test_multisteps_judges_the_accumulated_step():
+def test_multisteps_judges_the_accumulated_step(code_path):
   tx = optax.MultiSteps(
       clipkit.skip_spikes(optax.sgd(1.0), window=4), every_k_schedule=2)
   params = {"w": jnp.zeros(1)}
