@@ -108,7 +108,8 @@ def study(seeds: int, steps: int) -> dict:
 
 
 def table(rows: dict) -> str:
-  names = list(STRATEGIES)
+  names = [n for n in next(iter(rows.values()))
+           if n not in ("best fixed", "best loss")]
   out = ["| task / optimizer | best fixed (loss) | " + " | ".join(names) + " |",
          "|---|---|" + "---|" * len(names)]
   for key, row in rows.items():
