@@ -108,6 +108,11 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
   out = {}
   for prefix, (_, state) in zip(prefixes, states):
     for field in _METRIC_FIELDS[type(state)]:
-      if getattr(state, field) is not None:  # A metric turned off.
-        out[prefix + field] = getattr(state, field)
+      value = getattr(state, field)
+      if hasattr(value, "get_value") and not isinstance(value, jax.Array):
+        # An `nnx.Optimizer` wraps each leaf of its state in a mutable
+        # Variable; return the array it holds now, not the Variable.
+        value = value.get_value()
+      if value is not None:  # A metric turned off.
+        out[prefix + field] = value
   return out

@@ -138,6 +138,28 @@ def test_nnx_optimizer():
   np.testing.assert_allclose(m["encoder/grad_norm"], enc_norm, rtol=1e-5)
 
 
+def test_metrics_of_an_nnx_optimizer_are_arrays_that_stay_put():
+  # nnx.Optimizer keeps its state in mutable Variables: metrics logged at one
+  # step must not change when a later step updates the state.
+  model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(
+      model, optax.chain(clipkit.global_norm(0.1), optax.sgd(0.1)),
+      wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, optimizer, x):
+    grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(model)
+    optimizer.update(model, grads)
+    return clipkit.metrics(optimizer.opt_state)
+
+  first = step(model, optimizer, jnp.ones((1, 3)))
+  assert all(isinstance(v, jax.Array) for v in first.values())
+  norm = float(first["grad_norm"])
+  step(model, optimizer, jnp.zeros((1, 3)))
+  assert float(first["grad_norm"]) == norm > 0.1
+  assert isinstance(clipkit.metrics(optimizer.opt_state)["grad_norm"], jax.Array)
+
+
 def test_nnx_paths_drop_the_trailing_value():
   state = nnx.state(NnxModel(nnx.Rngs(0)), nnx.Param)
   assert set(paths_of(state)) == {"encoder/kernel", "encoder/bias",
