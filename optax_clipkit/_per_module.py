@@ -57,7 +57,7 @@ def _as_transform(pattern: str, rule: Rule) -> optax.GradientTransformation:
           f"`rules[{pattern!r}]` must be a symmetric range (-c, c), got"
           f" {rule!r}; for anything else give a transformation."
       )
-    return _value.value(hi)
+    return _value.value(hi, count_clipped=True)
   raise TypeError(
       f"`rules[{pattern!r}]` must be an optax.GradientTransformation or a"
       f" (low, high) range, got {rule!r}."
@@ -204,7 +204,7 @@ def per_module(
       ``(key, transformation)`` or ``(key, transformation, name)`` tuples, in
       order of precedence. A key is a pattern (str) or a module class. A
       transformation is any `optax.GradientTransformation`; the range
-      ``(-c, c)`` is short for ``clipkit.value(c)``.
+      ``(-c, c)`` is short for ``clipkit.value(c, count_clipped=True)``.
     default: The transformation for the leaves no rule matches, e.g.
       ``optax.identity()``. If None, every leaf must match a rule.
     model: The Flax NNX Module whose submodules a class key is looked up in;

@@ -1,5 +1,6 @@
 """Every notebook runs top to bottom, and its install cell is a no-op here."""
 
+import os
 import pathlib
 import re
 
@@ -39,6 +40,10 @@ def test_notebook_has_a_badge_and_an_install_cell(path):
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs(path, tmp_path, monkeypatch):
   monkeypatch.setenv("CLIPKIT_SKIP_INSTALL", "1")  # No network here.
+  # The kernel imports this checkout's package, whatever else is installed.
+  root = str(pathlib.Path(__file__).parent.parent)
+  monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+      p for p in (root, os.environ.get("PYTHONPATH")) if p))
   nb = nbformat.read(path, as_version=4)
   client = NotebookClient(nb, timeout=300, kernel_name="python3",
                           resources={"metadata": {"path": str(tmp_path)}})
