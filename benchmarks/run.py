@@ -19,11 +19,14 @@ to keep the numbers). Prints markdown tables.
 - The exploding-gradient study of ``benchmarks/exploding.py`` (full run only).
 - ``torch.nn.utils.clip_grad_norm_`` (foreach) on the same tree, if torch is
   installed.
+
+``python benchmarks/make_docs.py`` turns the JSON into ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import sys
@@ -301,7 +304,9 @@ def main():
   parser.add_argument("--json", help="write the results to this file")
   args = parser.parse_args()
   q = args.quick
-  results = {"machine": _harness.machine(), "quick": q}
+  results = {"machine": _harness.machine(),
+             "date": datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
+             "quick": q}
   print(f"machine: {results['machine']}\n")
 
   results["step"] = rows = step_times(q)

@@ -8,7 +8,7 @@ import optax
 import pytest
 
 import optax_clipkit as clipkit
-from optax_clipkit import demo
+from benchmarks import tasks
 
 
 def norm_sequence(seed, steps, bad=()):
@@ -298,13 +298,13 @@ def test_checkpoint_resumes_bit_identically(name, tmp_path):
 
 def test_adaptive_defaults_tame_exploding_sgd():
   # The demo's regression with SGD diverges unclipped; adaptive() trains it.
-  task = demo.regression_task(steps=300)
+  task = tasks.regression_task(steps=300)
   sgd = optax.sgd(0.01, momentum=0.9)
-  unclipped, _, _ = demo.train_task(task, sgd)
-  clipped, _, metrics = demo.train_task(
+  unclipped, _, _ = tasks.train_task(task, sgd)
+  clipped, _, metrics = tasks.train_task(
       task, optax.chain(clipkit.adaptive(), sgd))
   assert not np.isfinite(unclipped)
-  y_var = np.var(np.asarray(demo.make_regression()[1]))
+  y_var = np.var(np.asarray(tasks.make_regression()[1]))
   assert clipped < 0.05 * y_var
   # Step 1 is clipped, to a tenth of its norm, and so are most steps.
   norms = np.asarray(metrics["grad_norm"])

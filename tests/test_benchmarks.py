@@ -33,3 +33,12 @@ def test_exploding_quick(tmp_path):
   stdout, results = run("exploding.py", tmp_path)
   assert "median / worst" in stdout
   assert len(results) == 8  # 4 tasks, each with SGD and with Adam.
+
+
+def test_docs_page_matches_the_results():
+  proc = subprocess.run(
+      [sys.executable, str(BENCHMARKS / "make_docs.py"), "--check"],
+      capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, (
+      "docs/benchmarks.md is stale: run python benchmarks/make_docs.py\n"
+      + proc.stderr[-2000:])

@@ -138,6 +138,28 @@ def test_nnx_optimizer():
   np.testing.assert_allclose(m["encoder/grad_norm"], enc_norm, rtol=1e-5)
 
 
+def test_metrics_of_an_nnx_optimizer_are_arrays_that_stay_put():
+  # nnx.Optimizer keeps its state in mutable Variables: metrics logged at one
+  # step must not change when a later step updates the state.
+  model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(
+      model, optax.chain(clipkit.global_norm(0.1), optax.sgd(0.1)),
+      wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, optimizer, x):
+    grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(model)
+    optimizer.update(model, grads)
+    return clipkit.metrics(optimizer.opt_state)
+
+  first = step(model, optimizer, jnp.ones((1, 3)))
+  assert all(isinstance(v, jax.Array) for v in first.values())
+  norm = float(first["grad_norm"])
+  step(model, optimizer, jnp.zeros((1, 3)))
+  assert float(first["grad_norm"]) == norm > 0.1
+  assert isinstance(clipkit.metrics(optimizer.opt_state)["grad_norm"], jax.Array)
+
+
 def test_nnx_paths_drop_the_trailing_value():
   state = nnx.state(NnxModel(nnx.Rngs(0)), nnx.Param)
   assert set(paths_of(state)) == {"encoder/kernel", "encoder/bias",
@@ -189,3 +211,201 @@ def test_labels_computed_once_per_structure(monkeypatch):
     _, state = update(g, state)
   tx.update(g, state)
   assert len(calls) == 2  # Two leaves, once.
+
+
+# A character-level LSTM with an embedding and a dense head, in Linen and in
+# NNX: the models every example of the docs is run on.
+TEXT = ("the quick brown fox jumps over the lazy dog. pack my box with five"
+        " dozen liquor jugs! how vexingly quick daft zebras jump; sphinx of"
+        " black quartz, judge my vow. ")
+CHARS = sorted(set(TEXT))
+VOCAB, EMBED, HIDDEN = len(CHARS), 16, 32
+
+
+class LinenCharLSTM(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.RNN(nn.OptimizedLSTMCell(HIDDEN))(nn.Embed(VOCAB, EMBED)(x))
+    return nn.Dense(VOCAB)(h)
+
+
+class NnxCharLSTM(nnx.Module):
+
+  def __init__(self, rngs):
+    self.embed = nnx.Embed(VOCAB, EMBED, rngs=rngs)
+    self.lstm = nnx.RNN(nnx.OptimizedLSTMCell(EMBED, HIDDEN, rngs=rngs))
+    self.head = nnx.Linear(HIDDEN, VOCAB, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(self.lstm(self.embed(x)))
+
+
+def char_batch(batch, length, seed=0):
+  """`batch` windows of `length` + 1 characters: inputs and next characters."""
+  ids = np.array([CHARS.index(c) for c in TEXT * 8], np.int32)
+  starts = np.random.default_rng(seed).integers(0, len(ids) - length - 1, batch)
+  seq = ids[starts[:, None] + np.arange(length + 1)]
+  return jnp.asarray(seq[:, :-1]), jnp.asarray(seq[:, 1:])
+
+
+def char_model(framework):
+  """``(params, grad(reduce, x, y))`` for the Linen or the NNX model.
+
+  ``grad`` differentiates ``reduce(per-character losses)`` at ``params``.
+  """
+  def losses(logits, y):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+
+  if framework == "linen":
+    model = LinenCharLSTM()
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
+    return params, lambda reduce, x, y: jax.grad(
+        lambda p: reduce(losses(model.apply(p, x), y)))(params)
+  model = NnxCharLSTM(nnx.Rngs(0))
+  return nnx.state(model, nnx.Param), lambda reduce, x, y: nnx.grad(
+      lambda m: reduce(losses(m(x), y)))(model)
+
+
+# The docs' rules for each model: (rules, per_module keywords, group of a
+# leaf path: "lstm", "head" or "embed").
+def group_of(path):
+  if "LSTMCell" in path or path.startswith("lstm/"):
+    return "lstm"
+  return "embed" if "mbed" in path else "head"
+
+
+def docs_rules(framework):
+  if framework == "linen":
+    yield {"OptimizedLSTMCell": (-10, 10), "Dense": (-100, 100)}, {}
+  else:
+    model = NnxCharLSTM(nnx.Rngs(0))
+    yield ({nnx.OptimizedLSTMCell: (-10, 10), nnx.Linear: (-100, 100)},
+           {"model": model})
+    yield {"lstm": (-10, 10), "head": (-100, 100)}, {}
+
+
+@pytest.mark.parametrize("framework", ["linen", "nnx"])
+def test_docs_examples_clip_each_group_to_its_range(framework):
+  params, _ = char_model(framework)
+  grads = jax.tree.map(
+      lambda p: 300.0 * jax.random.normal(jax.random.PRNGKey(3), p.shape),
+      params)
+  limits = {"lstm": 10.0, "head": 100.0, "embed": np.inf}
+  for rules, kwargs in docs_rules(framework):
+    tx = clipkit.per_module(rules, default=optax.identity(), **kwargs)
+    out, state = jax.jit(tx.update)(grads, tx.init(params))
+    seen = set()
+    for path, g in paths_of(grads).items():
+      group = group_of(path)
+      seen.add(group)
+      np.testing.assert_array_equal(
+          paths_of(out)[path], np.clip(g, -limits[group], limits[group]))
+    assert seen == {"lstm", "head", "embed"}
+    assert len(clipkit.metrics(state)) == 4  # Two groups, two stats each.
+
+
+def test_nnx_class_rules_in_the_optimizer():
+  model = NnxCharLSTM(nnx.Rngs(0))
+  tx = clipkit.per_module(
+      [(nnx.OptimizedLSTMCell, (-1e-3, 1e-3), "lstm"),
+       (nnx.Linear, clipkit.global_norm(1e-3), "head")],
+      default=optax.identity(), model=model)
+  optimizer = nnx.Optimizer(model, optax.chain(tx, optax.sgd(1.0)),
+                            wrt=nnx.Param)
+  x, y = char_batch(4, 20)
+
+  def loss(m):
+    return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+
+  before = paths_of(jax.tree.map(np.asarray, nnx.state(model, nnx.Param)))
+  grads = paths_of(nnx.grad(loss)(model))
+  optimizer.update(model, nnx.grad(loss)(model))
+  steps = {p: before[p] - np.asarray(v) for p, v in
+           paths_of(nnx.state(model, nnx.Param)).items()}
+  head = [p for p in grads if p.startswith("head/")]
+  head_norm = np.sqrt(sum(np.sum(np.square(grads[p])) for p in head))
+  for path, g in grads.items():
+    if path.startswith("lstm/"):  # The cell's own nnx.Linear layers too.
+      want = np.clip(g, -1e-3, 1e-3)
+    elif path.startswith("head/"):
+      want = g * 1e-3 / head_norm
+    else:
+      want = g
+    # A step is read back as a difference of parameters of size about 1.
+    np.testing.assert_allclose(steps[path], want, rtol=1e-4, atol=1e-7)
+  m = clipkit.metrics(optimizer.opt_state)
+  assert {"lstm/clipped_fraction", "head/grad_norm"} <= set(m)
+
+
+def test_nnx_class_name_pattern_error_shows_the_fix():
+  model = NnxCharLSTM(nnx.Rngs(0))
+  tx = clipkit.per_module({"OptimizedLSTMCell": (-10, 10), "Dense": (-100, 100)},
+                          default=optax.identity())
+  with pytest.raises(ValueError, match=(
+      r"\['OptimizedLSTMCell', 'Dense'\] match no leaf\. The leaf paths are"
+      r" e\.g\. \['embed/embedding'.*NNX paths are made of attribute names\."
+      r" Match those, or give the class and the model: per_module\(\{"
+      r"nnx\.OptimizedLSTMCell: \.\.\.\}, model=model\)\.")):
+    nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+
+def test_class_rule_after_a_rule_for_its_parts_is_an_error():
+  model = NnxCharLSTM(nnx.Rngs(0))
+  # The cell's nnx.Linear layers go to the first rule: nothing is left.
+  tx = clipkit.per_module({nnx.Linear: (-1, 1), nnx.OptimizedLSTMCell: (-1, 1)},
+                          default=optax.identity(), model=model)
+  with pytest.raises(ValueError, match="put the rule for an enclosing module"):
+    tx.init(nnx.state(model, nnx.Param))
+
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    ({}, TypeError,
+     r"class LSTMCell needs the model .* per_module\(\{LSTMCell: \.\.\.\},"
+     r" model=model\)"),
+    ({"model": "linen"}, TypeError,
+     r"`model` must be a Flax NNX Module.*got LinenCharLSTM\. In Linen, the"
+     r" class name is part of the path"),
+    ({"model": "nnx"}, ValueError,
+     r"Rule class LSTMCell has no instance in `model`; its modules are of the"
+     r" classes \['Embed', 'Linear', 'NnxCharLSTM', 'OptimizedLSTMCell',"
+     r" 'RNN'\]\."),
+])
+def test_class_rule_errors(kwargs, error, message):
+  models = {"linen": LinenCharLSTM(), "nnx": NnxCharLSTM(nnx.Rngs(0))}
+  kwargs = {k: models[v] for k, v in kwargs.items()}
+  with pytest.raises(error, match=message):
+    clipkit.per_module({nnx.LSTMCell: (-10, 10)}, **kwargs)
+
+
+@pytest.mark.parametrize("framework", ["linen", "nnx"])
+def test_graves_ranges_bind_on_a_summed_loss_and_scale_with_the_mean(framework):
+  # Graves's ranges are for a loss summed over the characters of the batch's
+  # sequences. Its gradient exceeds both ranges; the mean's is n times
+  # smaller and never reaches them, unless the ranges are divided by n.
+  _, grad = char_model(framework)
+  x, y = char_batch(16, 100)
+  n = y.size
+  summed, mean = grad(jnp.sum, x, y), grad(jnp.mean, x, y)
+  rules = list(docs_rules(framework))[0]
+
+  def ranges(c):
+    return [(key, (-c * hi, c * hi)) for key, (_, hi) in rules[0].items()]
+
+  def clip(c, grads):
+    tx = clipkit.per_module(ranges(c), default=optax.identity(), **rules[1])
+    out, state = tx.update(grads, tx.init(grads))
+    fractions = {k.split("/")[0]: float(v)
+                 for k, v in clipkit.metrics(state).items()
+                 if k.endswith("clipped_fraction")}
+    return out, fractions
+
+  out_summed, f_summed = clip(1.0, summed)
+  assert len(f_summed) == 2 and all(f > 0 for f in f_summed.values())
+  _, f_mean = clip(1.0, mean)
+  assert all(f == 0 for f in f_mean.values())
+  out_mean, f_scaled = clip(1.0 / n, mean)
+  assert f_scaled == pytest.approx(f_summed, abs=1e-3)
+  chex_close = lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3,
+                                                       atol=1e-7 / n)
+  jax.tree.map(chex_close, out_mean, jax.tree.map(lambda g: g / n, out_summed))

@@ -1,0 +1,1 @@
+"""Benchmark scripts and the training tasks they share with the tests."""
