@@ -66,11 +66,7 @@ def _parse_groups(groups) -> list[tuple[str, re.Pattern]]:
           "`groups` must be a sequence of patterns or (pattern, name) pairs,"
           f" or a mapping from pattern to name, got item {item!r}."
       )
-    try:
-      compiled = re.compile(pattern)
-    except re.error as e:
-      raise ValueError(f"Group pattern {pattern!r} is not a valid regular"
-                       f" expression: {e}.") from None
+    compiled = _per_module.compile_pattern(pattern, "Group")
     if name in names or name == _OTHER:
       raise ValueError(f"Group name {name!r} is used twice (or is reserved).")
     names.add(name)

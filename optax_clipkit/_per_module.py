@@ -47,6 +47,15 @@ def leaf_path(path: Sequence[Any]) -> str:
   return "/".join(parts)
 
 
+def compile_pattern(pattern: str, what: str) -> re.Pattern:
+  """`pattern` compiled; a ValueError naming `what` (a rule, a group) if bad."""
+  try:
+    return re.compile(pattern)
+  except re.error as e:
+    raise ValueError(f"{what} pattern {pattern!r} is not a valid regular"
+                     f" expression: {e}.") from None
+
+
 def _as_transform(pattern: str, rule: Rule) -> optax.GradientTransformation:
   if isinstance(rule, optax.GradientTransformation):
     return rule
@@ -123,11 +132,7 @@ def _parse_rules(rules, model) -> list[_Rule]:
       raise TypeError("A rule's key must be a pattern (str) or a module"
                       f" class, got {key!r}.")
     name = item[2] if len(item) == 3 else default_name
-    try:
-      compiled = re.compile(pattern)
-    except re.error as e:
-      raise ValueError(f"Rule pattern {pattern!r} is not a valid regular"
-                       f" expression: {e}.") from None
+    compiled = compile_pattern(pattern, "Rule")
     if name in names or name == _DEFAULT:
       raise ValueError(f"Rule name {name!r} is used twice (or is reserved)."
                        " Give rules distinct names.")
