@@ -208,8 +208,7 @@ def monitor(
       p_leaves, p_index = grouped(params, names, skip)
       leaves, index = leaves + p_leaves, index + [g + i for i in p_index]
     # One pass: every leaf's norm at once, then each group's from its leaves'.
-    per_leaf, _ = _numerics.clip_norms(leaves, jnp.inf, axis_name,
-                                       per_leaf=True)
+    per_leaf = _numerics.norms(leaves, axis_name, per_leaf=True)
     totals = []
     for group in range(2 * g):
       idx = jnp.asarray([i for i, j in enumerate(index) if j == group],
