@@ -25,12 +25,7 @@ same chain, interleaved in one process.
    leaves under 4,096 elements are copied into one vector (at most 2**20
    elements) and reduced at once. At 1,000 leaves this took the compile time
    of a global-norm step from 0.7x optax's to 0.35x (2026-11-21).
-4. **A skipped step runs no optimizer** (`unless`). Portable code computes
-   the inner update of `skip_spikes` and selects it or the old state with
-   `where`, which GPUs fuse into the optimizer's own kernels; XLA:CPU does
-   not, and ran `skip_spikes(adamw)` at 1.27-1.5x a bare AdamW step
-   (2026-11-25). A conditional costs no sync on CPU.
-5. **`value`'s count runs apart** (`apart`). Fused into the loop that clips
+4. **`value`'s count runs apart** (`apart`). Fused into the loop that clips
    (and, in a training step, applies) the updates, the count made XLA:CPU's
    multi-output loop several times slower: a step of `value` alone took
    4.4x `optax.clip`'s time fused, 1.6x apart (2026-11-21).
@@ -39,7 +34,7 @@ same chain, interleaved in one process.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 from jax import lax
@@ -150,25 +145,6 @@ def leaf_sums(leaves: Sequence[jax.Array], dtype,
       lambda: psum(sums(_numerics.down(dtype))),
   )
   return q, qd
-
-
-def unless(skip: jax.Array, take: Callable[[], Any],
-           instead: Callable[[Any], Any]) -> Any:
-  """``take()``, or ``instead(shapes)`` where the scalar `skip` is true.
-
-  `instead` gets the abstract result of `take` and must return a tree of the
-  same structure, shapes and dtypes. Portable code computes both and selects
-  leaf by leaf; on CPU one runs, in a conditional.
-  """
-  def portable(skip):
-    out = take()
-    return jax.tree.map(lambda a, b: jnp.where(skip, a, b),
-                        instead(out), out)
-
-  def cpu(skip):
-    return lax.cond(skip, lambda: instead(jax.eval_shape(take)), take)
-
-  return dispatch(cpu, portable, skip)
 
 
 def apart(f: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
