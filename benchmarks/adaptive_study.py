@@ -199,6 +199,31 @@ def healthy_clip_fraction(tasks, seeds):
   return out
 
 
+TRACE_CELLS = (("regression", "sgd"), ("adding-rnn", "sgd"),
+               ("adding-lstm", "sgd"), ("regression-std", "sgd"),
+               ("healthy-lstm", "sgd"), ("healthy-lstm", "adam"))
+
+
+def trace_table(task, opt, seeds):
+  """Medians over seeds of what `adaptive()` saw and did, at a few steps."""
+  _, tr = train(task, opt, lambda _: clipkit.adaptive(), jnp.zeros((1,)),
+                seeds, trace=True)
+  tr = {k: v[0] for k, v in tr.items()}
+  steps = [i for i in (0, 1, 2, 5, 10, 20, 30, 50, 100, 200, 300, 400, 599)
+           if i < task.steps]
+  lines = ["| step | loss | grad_norm | clip_threshold | clip_scale |"
+           " loss_trend | clip_cause (seeds: none/start/overshoot/spike) |",
+           "|---|---|---|---|---|---|---|"]
+  for i in steps:
+    med = {k: float(np.median(v[:, i])) for k, v in tr.items()}
+    causes = np.bincount(tr["clip_cause"][:, i].astype(int), minlength=5)
+    lines.append(
+        f"| {i} | {med['loss']:.3g} | {med['grad_norm']:.3g} |"
+        f" {med['clip_threshold']:.3g} | {med['clip_scale']:.3g} |"
+        f" {med['loss_trend']:.2f} | {'/'.join(map(str, causes[:4]))} |")
+  return "\n".join(lines)
+
+
 def study(steps, seeds, quick=False):
   design = adaptive_tasks.design(steps)
   held = adaptive_tasks.held_out(steps)
@@ -217,7 +242,11 @@ def study(steps, seeds, quick=False):
                        **score(cell, task.exploding)}
         print(f"  {key}: {time.perf_counter() - t0:.1f} s", flush=True)
   fractions = healthy_clip_fraction({**design, **held}, seeds)
-  return scores, raw, fractions
+  traces = {}
+  if not quick:
+    for tname, opt in TRACE_CELLS:
+      traces[f"{tname} / {opt}"] = trace_table(design[tname], opt, seeds)
+  return scores, raw, fractions, traces
 
 
 def machine():
@@ -236,10 +265,10 @@ def main():
                       help=f"where to write the results (default {RESULTS};"
                       " --quick writes nothing unless given)")
   args = parser.parse_args()
-  steps, seeds = (100, 2) if args.quick else (600, 10)
+  steps, seeds = (100, 2) if args.quick else (400, 10)
   t0 = time.perf_counter()
   with jax.numpy_dtype_promotion("standard"):
-    scores, raw, fractions = study(steps, seeds, args.quick)
+    scores, raw, fractions, traces = study(steps, seeds, args.quick)
   g = goals(scores, fractions)
   print(f"\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {machine()};"
         f" {steps} steps, {seeds} seeds, {time.perf_counter() - t0:.0f} s\n")
@@ -251,11 +280,14 @@ def main():
     print(f"\nGoals on {split} tasks:")
     for k, (ok, why) in gs.items():
       print(f"  {k}: {'met' if ok else 'MISSED'} ({why})")
+  for key, text in traces.items():
+    print(f"\nTrace of adaptive() on {key}:\n{text}")
   path = args.json or (None if args.quick else RESULTS)
   if path:
     with open(path, "w") as f:
       json.dump({"machine": machine(), "steps": steps, "seeds": seeds,
                  "scores": scores, "healthy_unclipped_fraction": fractions,
+                 "traces": traces,
                  "goals": {s: {k: [bool(ok), why] for k, (ok, why) in gs.items()}
                            for s, gs in g.items()},
                  "losses": raw}, f, indent=1)
