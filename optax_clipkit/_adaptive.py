@@ -120,7 +120,7 @@ def _take(x, strides):
 
 
 def adaptive(
-    start: jax.typing.ArrayLike = 0.01,
+    start: jax.typing.ArrayLike = 0.02,
     *,
     slow_start: jax.typing.ArrayLike = 1.1,
     recovery: jax.typing.ArrayLike = 1.02,
@@ -213,7 +213,8 @@ def adaptive(
     A step whose loss estimate is not finite changes no trend statistic.
   - ``tx.update(updates, state)`` without `params` degrades gracefully:
     there is no loss estimate (:math:`T_t = 0`), so the rule is its slow
-    start, then release with spike clipping. `params` must otherwise have
+    start at the full rate :math:`r_t = \log` `slow_start`, then release
+    with spike clipping. `params` must otherwise have
     the leaves and shapes of the updates (ValueError).
 
   Args:
@@ -257,7 +258,7 @@ def adaptive(
     >>> updates, state = tx.update(grads, state, params)  # Pass params.
     >>> m = clipkit.metrics(state)
     >>> round(float(m["clip_threshold"]), 4), float(m["clip_cause"])
-    (0.5, 1.0)
+    (1.0, 1.0)
 
   References:
     Battiti, `Accelerated backpropagation learning: two optimization
@@ -358,8 +359,10 @@ def adaptive(
       # falls (-trend), up to the release cap.
       streak = jnp.where(hurt, streak + 1, 0.0)
       cut_now = hurt & (jnp.mod(streak - 1, f(patience)) == 0)
+      # Without params there is no estimate: the slow start runs at full rate.
+      speed = 1.0 if p_sub is None else jnp.clip(-trend, 0.0, 1.0)
       grow = jnp.where(recovering > 0, jnp.log(f(recovery)),
-                       jnp.log(f(slow_start)) * jnp.clip(-trend, 0.0, 1.0))
+                       jnp.log(f(slow_start)) * speed)
       cap = mean + jnp.log(f(release))
       log_c = jnp.where(
           cut_now, jnp.minimum(log_c, log_n) + jnp.log(f(cut)),

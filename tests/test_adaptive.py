@@ -170,7 +170,8 @@ def test_non_finite_step_leaves_statistics_unchanged(name, bad):
   g["b"][0][1, 2] = bad
   out, after = update(g, state)
   for f in fields:
-    np.testing.assert_array_equal(getattr(after, f), getattr(state, f))
+    jax.tree.map(np.testing.assert_array_equal, getattr(after, f),
+                 getattr(state, f))
   # The step's output stays non-finite and its metrics report it.
   np.testing.assert_array_equal(out["b"][0], g["b"][0])
   assert not np.isfinite(clipkit.metrics(after)["grad_norm"])
@@ -179,7 +180,8 @@ def test_non_finite_step_leaves_statistics_unchanged(name, bad):
   u2, s2 = update(seq[1], state)
   np.testing.assert_array_equal(u1["a"], u2["a"])
   for f in fields:
-    np.testing.assert_array_equal(getattr(s1, f), getattr(s2, f))
+    jax.tree.map(np.testing.assert_array_equal, getattr(s1, f),
+                 getattr(s2, f))
 
 
 def test_huge_finite_gradients_are_clipped_not_zeroed():
@@ -277,7 +279,7 @@ def test_checkpoint_resumes_bit_identically(name, tmp_path):
 class AdaptiveReference:
   """`adaptive`'s rule in numpy (float64), step by step from its docstring."""
 
-  def __init__(self, params, start=0.01, slow_start=1.1, recovery=1.02,
+  def __init__(self, params, start=0.02, slow_start=1.1, recovery=1.02,
                cut=0.5, trouble=0.0, trend_decay=0.8, patience=10,
                release=4.0, spike_z=3.0, spike_decay=0.95, coordinates=256):
     self.hp = dict(start=start, slow_start=slow_start, recovery=recovery,
@@ -425,6 +427,27 @@ def test_adaptive_matches_reference(hp):
   assert len(causes) >= 2  # The sequence exercises the rule.
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_adaptive_non_finite_step_with_params_changes_no_statistic(bad):
+  grads, params = training_sequence(3, 30)
+  tx = clipkit.adaptive()
+  update = jax.jit(tx.update)
+  state = tx.init(params[0])
+  for g, p in zip(grads[:20], params[:20]):
+    _, state = update(g, state, p)
+  g = jax.tree.map(np.copy, grads[20])
+  g["b"][0][0, 1] = bad
+  _, after = update(g, state, params[20])
+  fields = [f for f in state._fields if f not in clipkit.metrics(state)]
+  for f in fields:
+    jax.tree.map(np.testing.assert_array_equal, getattr(after, f),
+                 getattr(state, f))
+  # Non-finite parameters (a finite norm) change no trend statistic either.
+  p = jax.tree.map(lambda x: np.full_like(x, bad), params[20])
+  _, after = update(grads[20], state, p)
+  np.testing.assert_array_equal(after.trend_sums, state.trend_sums)
+
+
 def test_adaptive_without_params_clips_spikes_only():
   # No params: no loss estimate. After the slow start the threshold is
   # released and only a spike is clipped.
@@ -432,10 +455,13 @@ def test_adaptive_without_params_clips_spikes_only():
   update = jax.jit(tx.update)
   g = {"w": jnp.ones((100,))}
   state = tx.init(g)
-  for _ in range(40):
+  for _ in range(80):  # 0.02 * 1.1**42 > 1 (a norm), * 1.1**15 > 4 (release)
     out, state = update(g, state)
   m = clipkit.metrics(state)
-  assert m["clip_scale"] == 1.0 and m["clip_threshold"] == np.inf
+  assert m["clip_scale"] == 1.0 and m["clip_cause"] == 0.0
+  # Released: the threshold left is the spike cap, above the norm.
+  assert state.log_threshold >= state.norm_mean + np.log(4.0) - 1e-6
+  assert m["clip_threshold"] > 10.0
   assert m["loss_trend"] == 0.0
   out, state = update({"w": 100 * jnp.ones((100,))}, state)
   m = clipkit.metrics(state)
@@ -446,7 +472,7 @@ def test_adaptive_first_step_is_clipped_to_start_fraction():
   tx = clipkit.adaptive(start=0.1)
   g = {"w": jnp.array([30.0, 40.0])}
   out, state = tx.update(g, tx.init(g), g)
-  np.testing.assert_allclose(out["w"], [0.3, 0.4], rtol=1e-6)
+  np.testing.assert_allclose(out["w"], [3.0, 4.0], rtol=1e-6)  # 0.1 * 50
   assert clipkit.metrics(state)["clip_cause"] == 1.0  # The slow start.
 
 
