@@ -28,7 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, _HERE)
+sys.path.insert(0, os.path.dirname(_HERE))  # This checkout's optax_clipkit.
 import adaptive_tasks  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import optax_clipkit as clipkit  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -110,14 +112,17 @@ def run_cell(task, opt, seeds, strategies):
   grid, _ = train(task, opt, lambda c: clipkit.global_norm(c),
                   jnp.asarray(GRID), seeds)
   out["grid"] = {str(c): grid[i].tolist() for i, c in enumerate(GRID)}
+  trace = None
   for name, factory in strategies.items():
     if factory is None:
       losses, _ = train(task, opt, None, jnp.zeros((1,)), seeds)
     else:
-      losses, _ = train(task, opt, lambda _, f=factory: f(),
-                        jnp.zeros((1,)), seeds)
+      losses, tr = train(task, opt, lambda _, f=factory: f(),
+                         jnp.zeros((1,)), seeds, trace=name == "adaptive()")
+      if name == "adaptive()":
+        trace = {k: v[0] for k, v in tr.items()}
     out[name] = losses[0].tolist()
-  return out
+  return out, trace
 
 
 def score(cell, exploding):
@@ -185,30 +190,13 @@ def goals(scores, clip_fraction):
   return out
 
 
-def healthy_clip_fraction(tasks, seeds):
-  """Fraction of steps with clip_scale == 1 in each healthy cell's 2nd half."""
-  out = {}
-  for tname, task in tasks.items():
-    if task.exploding:
-      continue
-    for opt in OPTIMIZERS:
-      _, tr = train(task, opt, lambda _: clipkit.adaptive(), jnp.zeros((1,)),
-                    seeds, trace=True)
-      scale = tr["clip_scale"][0][:, task.steps // 2:]
-      out[f"{tname} / {opt}"] = float(np.mean(scale >= 1.0))
-  return out
-
-
 TRACE_CELLS = (("regression", "sgd"), ("adding-rnn", "sgd"),
                ("adding-lstm", "sgd"), ("regression-std", "sgd"),
                ("healthy-lstm", "sgd"), ("healthy-lstm", "adam"))
 
 
-def trace_table(task, opt, seeds):
+def trace_table(task, tr):
   """Medians over seeds of what `adaptive()` saw and did, at a few steps."""
-  _, tr = train(task, opt, lambda _: clipkit.adaptive(), jnp.zeros((1,)),
-                seeds, trace=True)
-  tr = {k: v[0] for k, v in tr.items()}
   steps = [i for i in (0, 1, 2, 5, 10, 20, 30, 50, 100, 200, 300, 400, 599)
            if i < task.steps]
   lines = ["| step | loss | grad_norm | clip_threshold | clip_scale |"
@@ -230,22 +218,22 @@ def study(steps, seeds, quick=False):
   if quick:
     design = {k: design[k] for k in ("regression", "regression-std")}
     held = {k: held[k] for k in ("deep-tanh",)}
-  scores, raw = {}, {}
+  scores, raw, fractions, traces = {}, {}, {}, {}
   for split, tasks in (("design", design), ("held-out", held)):
     for tname, task in tasks.items():
       for opt in OPTIMIZERS:
         t0 = time.perf_counter()
         key = f"{tname} / {opt}"
-        cell = run_cell(task, opt, seeds, STRATEGIES)
+        cell, tr = run_cell(task, opt, seeds, STRATEGIES)
         raw[key] = cell
+        if not task.exploding:
+          scale = tr["clip_scale"][:, task.steps // 2:]
+          fractions[key] = float(np.mean(scale >= 1.0))
+        if (tname, opt) in TRACE_CELLS and not quick:
+          traces[key] = trace_table(task, tr)
         scores[key] = {"split": split, "exploding": task.exploding,
                        **score(cell, task.exploding)}
         print(f"  {key}: {time.perf_counter() - t0:.1f} s", flush=True)
-  fractions = healthy_clip_fraction({**design, **held}, seeds)
-  traces = {}
-  if not quick:
-    for tname, opt in TRACE_CELLS:
-      traces[f"{tname} / {opt}"] = trace_table(design[tname], opt, seeds)
   return scores, raw, fractions, traces
 
 
@@ -260,12 +248,12 @@ def machine():
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--quick", action="store_true",
-                      help="3 tasks, 100 steps, 2 seeds: a smoke run")
+                      help="3 tasks, 60 steps, 2 seeds: a smoke run")
   parser.add_argument("--json", default=None,
                       help=f"where to write the results (default {RESULTS};"
                       " --quick writes nothing unless given)")
   args = parser.parse_args()
-  steps, seeds = (100, 2) if args.quick else (400, 10)
+  steps, seeds = (60, 2) if args.quick else (400, 10)
   t0 = time.perf_counter()
   with jax.numpy_dtype_promotion("standard"):
     scores, raw, fractions, traces = study(steps, seeds, args.quick)
