@@ -16,6 +16,7 @@ import jax
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import _harness  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import optax_clipkit as clipkit  # pylint: disable=g-import-not-at-top,wrong-import-position
