@@ -1,11 +1,32 @@
-"""`adaptive`: clipping to a fraction of the recent median norm, untuned."""
+"""`adaptive`: clips only while the loss rises, and norm spikes; no tuning.
+
+The rule is a controller on the threshold in the manner of the bold driver
+(Battiti 1989) and of TCP's congestion control (slow start, then
+multiplicative decrease on trouble, slow recovery): it starts tight, releases
+quickly while the steps taken lower the loss, cuts the threshold while they
+raise it, and clips norm spikes by their z-score in log space.
+
+Whether the last step raised the loss is estimated without the loss, from
+the step taken, :math:`d_t = \\theta_t - \\theta_{t-1}`, and the gradients at
+both ends, by the trapezoid rule
+:math:`\\Delta L_t \\approx \\tfrac12 (g_{t-1} + g_t) \\cdot d_t` (exact on a
+quadratic). The dot products run over a fixed strided subset of coordinates
+of every leaf (at most `coordinates` in all), weighted by each leaf's size
+over its share, so the estimate is global, cheap, and needs no copy of the
+parameters: each device reduces its own part of a sharded leaf.
+
+Limits: without `params` (``tx.update(g, state)``) there is no loss
+estimate, and the rule is its slow start followed by spike clipping alone.
+"""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optax_clipkit import _global_norm
@@ -14,120 +35,219 @@ from optax_clipkit import _metrics
 from optax_clipkit import _numerics
 from optax_clipkit import _validation
 
+# Values of `clip_cause`.
+NONE, START, OVERSHOOT, SPIKE, CEILING = 0.0, 1.0, 2.0, 3.0, 4.0
+
 
 class AdaptiveState(NamedTuple):
   """State of `adaptive`.
 
   Attributes:
     grad_norm: Global L2 norm of the last incoming updates (float32).
-    clip_threshold: The threshold of the last update.
+    clip_threshold: The threshold of the last update (inf when released).
     clip_scale: The factor the last updates were multiplied by.
-    norm_history: Ring buffer of the last `history` finite norms, each capped
-      at ``(1 + growth)`` times the level before it (float32).
-    norm_count: int32 count of norms written to `norm_history`, kept below
-      ``2 * history``.
-    norm_level: The `percentile` of `norm_history` (inf before the first
-      finite norm); the threshold is ``scale * norm_level``.
+    clip_cause: Why the last updates were clipped: 0 not clipped, 1 the
+      loss was rising (the controller's threshold), 2 a norm spike.
+    loss_trend: The trend :math:`T_t` in [-1, 1] of the estimated loss
+      changes: below 0 the loss falls, above `trouble` it is rising.
+    log_threshold: The controller's threshold, :math:`\\log c_t`.
+    log_floor: Its floor, :math:`\\log c_1`.
+    norm_mean: EMA mean of the log norms (after spike capping).
+    norm_var: EMA variance of the log norms.
+    trend_sums: EMAs of :math:`\\Delta L` and of its scale (2 floats).
+    recovering: 1.0 once the loss has been seen rising (slow recovery), else
+      0.0 (slow start).
+    norm_count: int32 count of finite steps, saturating at 2.
+    prev_params: The parameters' subset coordinates at the last finite step.
+    prev_grads: The gradients' subset coordinates at the last finite step.
   """
 
   grad_norm: jax.Array
   clip_threshold: jax.Array
   clip_scale: jax.Array
-  norm_history: jax.Array
+  clip_cause: jax.Array
+  loss_trend: jax.Array
+  log_threshold: jax.Array
+  log_floor: jax.Array
+  norm_mean: jax.Array
+  norm_var: jax.Array
+  trend_sums: jax.Array
+  recovering: jax.Array
+  trouble_steps: jax.Array
   norm_count: jax.Array
-  norm_level: jax.Array
+  prev_params: Any
+  prev_grads: Any
 
 
 _metrics.register_state(
-    AdaptiveState, "grad_norm", "clip_threshold", "clip_scale"
+    AdaptiveState, "grad_norm", "clip_threshold", "clip_scale", "clip_cause",
+    "loss_trend",
 )
 
 
+def _strides(shape: tuple[int, ...], budget: int) -> tuple[int, ...]:
+  """Equal strides per dimension keeping at most about `budget` elements."""
+  size = int(np.prod(shape, dtype=np.int64))
+  if not shape or size <= budget:
+    return (1,) * len(shape)
+  # A power of two, so that the kept coordinates split evenly between the
+  # shards of the usual (power-of-two) shardings.
+  s = 2 ** max(0, math.ceil(math.log2((size / budget) ** (1.0 / len(shape)))))
+  return (s,) * len(shape)
+
+
+def _subset_plan(leaves, coordinates: int):
+  """Per leaf: strides and the weight (size / coordinates kept), or None."""
+  sizes = [int(np.prod(x.shape, dtype=np.int64)) for x in leaves]
+  total = max(sum(sizes), 1)
+  plan = []
+  for x, size in zip(leaves, sizes):
+    if size == 0:
+      plan.append(None)
+      continue
+    budget = max(1, round(coordinates * size / total))
+    strides = _strides(x.shape, budget)
+    kept = int(np.prod([-(-n // s) for n, s in zip(x.shape, strides)],
+                       dtype=np.int64))
+    plan.append((strides, size / kept))
+  return plan
+
+
+def _take(x, strides):
+  if not x.shape:
+    return _numerics.as_f32(x)
+  return _numerics.as_f32(x[tuple(slice(None, None, s) for s in strides)])
+
+
 def adaptive(
-    percentile: jax.typing.ArrayLike = 50.0,
-    history: int = 100,
+    start: jax.typing.ArrayLike = 0.02,
     *,
-    scale: jax.typing.ArrayLike = 0.1,
-    growth: jax.typing.ArrayLike = 0.01,
+    slow_start: jax.typing.ArrayLike = 1.1,
+    recovery: jax.typing.ArrayLike = 1.02,
+    cut: jax.typing.ArrayLike = 0.5,
+    trouble: jax.typing.ArrayLike = 0.0,
+    trend_decay: jax.typing.ArrayLike = 0.8,
+    patience: jax.typing.ArrayLike = 10,
+    release: jax.typing.ArrayLike = 4.0,
+    spike_z: jax.typing.ArrayLike = 3.0,
+    spike_decay: jax.typing.ArrayLike = 0.95,
+    coordinates: int = 256,
     max_norm: jax.typing.ArrayLike | None = None,
     axis_name: _numerics.AxisName = None,
     name: str | None = None,
 ) -> optax.GradientTransformation:
-  r"""Clips the global norm to a tenth of the recent median norm; no tuning.
+  r"""Clips while the loss rises and on norm spikes; otherwise lets go.
 
-  With :math:`n_t` the global L2 norm of the updates, each step records
+  A controller on the threshold :math:`c_t`: a slow start from a tight
+  threshold, a cut whenever the steps taken raise the loss, a slow recovery,
+  and release (no threshold) once :math:`c_t` is well above the norms; norm
+  spikes are clipped by their z-score throughout. With SGD, while the
+  gradients are clipped the threshold *is* the step size, so the controller
+  searches the largest step that still lowers the loss, as the bold driver
+  does for the learning rate; a run whose steps never raise the loss is
+  released within a few dozen steps and then only spikes are clipped.
+
+  **Loss estimate.** With :math:`d_t = \theta_t - \theta_{t-1}` the step
+  taken (whatever the optimizer) and :math:`g_t` the incoming updates,
 
   .. math::
-    h_t = \min\bigl(n_t,\ (1 + \gamma)\, m_{t-1}\bigr)
+    a_t = -\langle g_{t-1}, d_t\rangle_S, \quad
+    b_t = \langle g_t, d_t\rangle_S, \quad
+    \Delta L_t \approx \tfrac12 (b_t - a_t), \quad
+    T_t = \frac{\operatorname{EMA}_\beta(b - a)}
+               {\operatorname{EMA}_\beta(|a| + |b|)} \in [-1, 1],
 
-  in a window :math:`H_t` of the last `history` records
-  (:math:`m_0 = \infty`), and clips to
+  where :math:`\langle x, y\rangle_S` sums :math:`x_i y_i` over a fixed
+  strided subset of each leaf's coordinates (about `coordinates` in all, each
+  leaf's share proportional to its size), weighted by the leaf's size over
+  its share; :math:`\beta` is `trend_decay`. :math:`T_t < 0` while the loss
+  falls; the loss rises at step :math:`t` when :math:`b_t > a_t`.
+
+  **Controller.** On the first finite step
+  :math:`\log c_1 = \log n_1 + \log s` (:math:`s` the `start`). Afterwards,
+  step :math:`t` is in *trouble* when :math:`T_t > \tau` (`trouble`) and
+  :math:`b_t > a_t`; with :math:`k_t` the number of consecutive steps in
+  trouble and :math:`\mu_{t-1}` the mean log norm below,
 
   .. math::
-    m_t = \operatorname{percentile}(H_t, p), \qquad
-    c_t = \min(s\, m_t,\ \text{max_norm}), \qquad
-    g \leftarrow g \cdot \min\left(1, \frac{c_t}{n_t}\right),
+    \log c_t = \begin{cases}
+      \min(\log c_{t-1}, \log n_t) + \log \kappa
+        & \text{trouble, } k_t \equiv 1 \pmod{P} \\
+      \log c_{t-1} & \text{trouble otherwise} \\
+      \min\bigl(\log c_{t-1} + r_t,\
+                \max(\mu_{t-1} + \log R,\ \log c_{t-1})\bigr)
+        & \text{otherwise,}
+    \end{cases}
 
-  with :math:`p` the `percentile` (the median by default), :math:`s` the
-  `scale` (0.1) and :math:`\gamma` the `growth` (0.01).
+  with :math:`\kappa` the `cut`, :math:`P` the `patience`, :math:`R` the
+  `release`, and the growth :math:`r_t = \operatorname{clip}(-T_t, 0, 1)
+  \log` `slow_start` until the first trouble (faster the faster the loss
+  falls) and :math:`r_t = \log` `recovery` after; then :math:`c_t` is
+  raised to at least :math:`c_1`: the controller never goes below where it
+  started. Its threshold is :math:`c_t`, or :math:`\infty` (released) once
+  :math:`\log c_t \ge \mu_{t-1} + \log R`.
 
-  It starts from AutoClip's idea (:func:`autoclip`: clip to a percentile of
-  past norms) and changes what makes AutoClip fail on exploding gradients:
+  **Spikes.** With :math:`\ell_t = \mu_{t-1} + z\,\sigma_{t-1}`
+  (:math:`z` the `spike_z`; :math:`\infty` on the first step),
+  :math:`x_t = \min(\log n_t, \ell_t)`,
+  :math:`\mu_t = \rho\mu_{t-1} + (1-\rho)x_t` and
+  :math:`\sigma_t^2 = \rho\sigma_{t-1}^2 + (1-\rho)(x_t - \mu_t)^2`
+  (:math:`\rho` the `spike_decay`; :math:`\mu_1 = \log n_1`,
+  :math:`\sigma_1^2 = 1`).
 
-  - **Every step is clipped, step 1 included**, to a fraction of the typical
-    recent norm. AutoClip never clips its first step, whose norm is its whole
-    history, and with SGD that one step can throw the weights out of range
-    for good. With SGD the threshold acts as the step size (the update is the
-    learning rate times the threshold, in the gradient's direction), so it
-    must sit well below the norms, and follow them down as training settles:
-    this gives SGD a step that anneals with the gradient norm. Adam divides
-    out the scale of its inputs, so for Adam the rule keeps the direction and
-    the step-to-step shape of the gradients but removes spikes.
-  - **Records are capped.** AutoClip's history follows the norms wherever
-    they go, so while gradients explode its threshold explodes with them.
-    Here a norm enters the window capped at :math:`1+\gamma` times the last
-    level: the level can rise by at most :math:`1+\gamma` per step, and a
-    burst of large norms cannot drag it up.
-  - **A recent window** (`history`, 100 steps), so the level follows the
-    norms as training progresses rather than remembering the early steps.
+  The updates are clipped to global norm
+  :math:`\min(c_t \text{ or } \infty,\ e^{\ell_t},\ \text{max_norm})`.
 
-  On the exploding-gradient tasks of ``benchmarks/exploding.py`` (an MLP
-  regression with unscaled targets, a vanilla RNN and an LSTM through 30
-  steps, each with SGD + momentum and with Adam; median of 3 seeds) these
-  defaults never diverged. Against the best fixed threshold in hindsight they
-  ended 16x better on the regression with SGD and 9x better with Adam (the
-  threshold anneals with the norms), but 3-7x worse on the recurrent
-  networks. The price is also paid where nothing explodes: on the same
-  regression with standardised targets, SGD ended about 12x worse than
-  without clipping (the rule behaves like a smaller learning rate), while
-  Adam did as well as without clipping. If your gradients do not explode and
-  you train with SGD, prefer :func:`global_norm` with a generous threshold,
-  or raise `scale`.
+  Guarantees:
 
-  A step whose norm is NaN or inf leaves the window, its count and the level
-  exactly as they were; its updates pass through unchanged (they stay
-  non-finite). The metrics in the state still report that step.
+  - The metrics say when and why it clipped: ``clip_cause`` is 0 (not
+    clipped), 1 (slow start), 2 (the loss was rising: the controller after
+    trouble), 3 (a spike) or 4 (`max_norm`); ``loss_trend`` is
+    :math:`T_t`. Once released, ``clip_threshold`` is inf and ``clip_scale``
+    1 except on spikes.
+  - No copy of the parameters: the state holds scalars and the subset of
+    coordinates of the last parameters and updates. Each device reduces the
+    subset of its own part of a sharded leaf; under `axis_name` the dot
+    products are summed over the axis like the norm.
+  - A step whose norm is NaN or inf leaves every statistic, the subset
+    buffers included, bit-identical; its updates pass through unchanged.
+    A step whose loss estimate is not finite changes no trend statistic.
+  - ``tx.update(updates, state)`` without `params` degrades gracefully:
+    there is no loss estimate (:math:`T_t = 0`), so the rule is its slow
+    start at the full rate :math:`r_t = \log` `slow_start`, then release
+    with spike clipping. `params` must otherwise have
+    the leaves and shapes of the updates (ValueError).
 
   Args:
-    percentile: The percentile :math:`p` in [0, 100] of the window. May be
-      traced.
-    history: Structural: the window length (an int >= 1; it fixes the shape
-      of the state).
-    scale: :math:`s` >= 0, the fraction of the level to clip to.
-    growth: :math:`\gamma` >= 0, the most the level may rise per step,
-      relative.
+    start: :math:`s` in (0, 1], the first threshold as a fraction of the
+      first norm.
+    slow_start: The growth factor per step (>= 1) before the first trouble,
+      at :math:`T_t = -1`.
+    recovery: The growth factor per step (>= 1) after the first trouble.
+    cut: :math:`\kappa` in (0, 1], the factor applied on trouble.
+    trouble: :math:`\tau` in [-1, 1], the trend above which a rise of the
+      loss is trouble.
+    trend_decay: :math:`\beta` in (0, 1).
+    patience: :math:`P` >= 1, steps of continued trouble between cuts.
+    release: :math:`R` >= 1: released when :math:`c_t` exceeds :math:`R`
+      times the mean norm (geometric).
+    spike_z: :math:`z` > 0, the z-score of the log norm that is a spike.
+    spike_decay: :math:`\rho` in (0, 1).
+    coordinates: Structural: about how many coordinates the loss estimate
+      reads (an int >= 1; it fixes the shapes of the state).
     max_norm: Optional absolute ceiling on the threshold, a non-negative
       number.
-    axis_name: Mapped axis name(s) over which the norm is global under
-      `shard_map`/`pmap`; see :func:`global_norm`.
+    axis_name: Mapped axis name(s) over which the norm and the loss estimate
+      are global under `shard_map`/`pmap`; see :func:`global_norm`.
     name: If given, the metrics are reported as ``"<name>/<metric>"``.
 
   Returns:
-    A :class:`optax.GradientTransformation` with state `AdaptiveState`.
+    A :class:`optax.GradientTransformation` with state `AdaptiveState`; its
+    metrics add ``clip_cause`` and ``loss_trend``.
 
   Raises:
-    ValueError: If `percentile` is outside [0, 100], `history` < 1, or
-      `scale`, `growth` or `max_norm` is negative.
+    ValueError: If an argument is outside its range, or at update time if
+      `params` does not match the updates.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -137,37 +257,158 @@ def adaptive(
     >>> params = {"w": jnp.zeros(3)}
     >>> state = tx.init(params)
     >>> grads = {"w": jnp.array([30.0, 40.0, 0.0])}
-    >>> updates, state = tx.update(grads, state, params)
-    >>> float(clipkit.metrics(state)["clip_threshold"])  # 0.1 * 50
-    5.0
+    >>> updates, state = tx.update(grads, state, params)  # Pass params.
+    >>> m = clipkit.metrics(state)
+    >>> round(float(m["clip_threshold"]), 4), float(m["clip_cause"])
+    (1.0, 1.0)
+
+  References:
+    Battiti, `Accelerated backpropagation learning: two optimization
+    methods <https://www.complex-systems.com/abstracts/v03_i04_a02/>`_, 1989
+    (the bold driver); Kumar et al., `ZClip: Adaptive Spike Mitigation for
+    LLM Pre-Training <https://arxiv.org/abs/2504.02507>`_, 2025
   """
-  _validation.check_percentile("percentile", percentile)
-  size = _validation.check_int("history", history, low=1)
-  _validation.check_threshold("scale", scale)
-  _validation.check_threshold("growth", growth)
+  for name, value in (("start", start), ("cut", cut)):
+    _validation.check_number(name, value, low=0.0, high=1.0, low_open=True,
+                             expected="a number in (0, 1]")
+  for name, value in (("slow_start", slow_start), ("recovery", recovery),
+                      ("release", release), ("patience", patience)):
+    _validation.check_number(name, value, low=1.0, expected="a number >= 1")
+  _validation.check_number("trouble", trouble, low=-1.0, high=1.0,
+                           expected="a number in [-1, 1]")
+  for name, value in (("trend_decay", trend_decay),
+                      ("spike_decay", spike_decay)):
+    _validation.check_number(name, value, low=0.0, high=1.0, low_open=True,
+                             high_open=True, expected="a number in (0, 1)")
+  _validation.check_number("spike_z", spike_z, low=0.0, low_open=True,
+                           expected="a positive number")
+  n_coords = _validation.check_int("coordinates", coordinates, low=1)
   _validation.check_optional_threshold("max_norm", max_norm)
+
+  def subset(leaves, plan):
+    return tuple(None if p is None else _take(x, p[0])
+                 for x, p in zip(leaves, plan))
 
   def init_fn(params):
     _validation.check_float_leaves(params)
-    inf = jnp.asarray(jnp.inf, jnp.float32)
+    leaves = jax.tree.leaves(params)
+    plan = _subset_plan(leaves, n_coords)
+    zeros = tuple(None if p is None else jnp.zeros_like(s)
+                  for p, s in zip(plan, subset(leaves, plan)))
+    f32 = lambda v: jnp.asarray(v, jnp.float32)
     return AdaptiveState(
-        *_global_norm.init_norm_metrics(inf),
-        norm_history=jnp.zeros((size,), jnp.float32),
+        *_global_norm.init_norm_metrics(jnp.inf),
+        clip_cause=f32(NONE),
+        loss_trend=f32(0.0),
+        log_threshold=f32(jnp.inf),
+        log_floor=f32(-jnp.inf),
+        norm_mean=f32(0.0),
+        norm_var=f32(0.0),
+        trend_sums=jnp.zeros((2,), jnp.float32),
+        recovering=f32(0.0),
+        trouble_steps=f32(0.0),
         norm_count=jnp.zeros((), jnp.int32),
-        norm_level=inf,
+        prev_params=zeros,
+        prev_grads=zeros,
     )
 
   def update_fn(updates, state, params=None):
-    del params
-    updates, history, metrics = _history.percentile_clip(
-        updates,
-        (state.norm_history, state.norm_count, state.norm_level),
-        percentile,
-        growth=growth,
-        scale=scale,
-        max_norm=max_norm,
-        axis_name=axis_name,
-    )
-    return updates, AdaptiveState(*metrics, *history)
+    leaves = jax.tree.leaves(updates)
+    plan = _subset_plan(leaves, n_coords)
+    g_sub = subset(leaves, plan)
+    p_sub = None
+    if params is not None:
+      p_leaves = jax.tree.leaves(params)
+      if [x.shape for x in p_leaves] != [x.shape for x in leaves]:
+        raise ValueError(
+            "`params` must have the leaves and shapes of the updates, got"
+            f" {jax.tree.structure(params)} for updates"
+            f" {jax.tree.structure(updates)}.")
+      p_sub = subset(p_leaves, plan)
+    f = _numerics.as_f32
+
+    def dot(xs, ys):
+      terms = [w * jnp.sum(x * y) for (_, w), x, y in
+               ((p, x, y) for p, x, y in zip(plan, xs, ys) if p is not None)]
+      total = sum(terms, jnp.zeros((), jnp.float32))
+      return total if axis_name is None else jax.lax.psum(total, axis_name)
+
+    def rule(norm, stats):
+      (log_c, floor, mean, var, sums, recovering, streak, count, prev_p,
+       prev_g) = stats
+      log_n = jnp.log(jnp.maximum(norm, jnp.finfo(jnp.float32).tiny))
+      first = count == 0
+      # The estimated change of the loss over the last step, and its trend.
+      if p_sub is None:
+        seen = jnp.zeros((), bool)
+        a = b = jnp.zeros((), jnp.float32)
+      else:
+        d = tuple(None if p is None else p - q for p, q in zip(p_sub, prev_p))
+        a = -dot(prev_g, d)  # The first-order decrease the step promised.
+        b = dot(g_sub, d)  # The slope along the step where it ended.
+        seen = (count > 0) & jnp.isfinite(a) & jnp.isfinite(b)
+        a, b = jnp.where(seen, a, 0.0), jnp.where(seen, b, 0.0)
+      beta = f(trend_decay)
+      rise, size = b - a, jnp.abs(a) + jnp.abs(b)
+      sums = jnp.where(
+          seen, beta * sums + (1 - beta) * jnp.stack([rise, size]), sums)
+      positive = sums[1] > 0
+      trend = jnp.where(positive,
+                        sums[0] / jnp.where(positive, sums[1], 1.0), 0.0)
+      hurt = seen & (trend > f(trouble)) & (rise > 0)
+      # The controller: cut at the onset of a rise and every `patience` steps
+      # it lasts; hold while it lasts; otherwise grow as fast as the loss
+      # falls (-trend), up to the release cap.
+      streak = jnp.where(hurt, streak + 1, 0.0)
+      cut_now = hurt & (jnp.mod(streak - 1, f(patience)) == 0)
+      # Without params there is no estimate: the slow start runs at full rate.
+      speed = 1.0 if p_sub is None else jnp.clip(-trend, 0.0, 1.0)
+      grow = jnp.where(recovering > 0, jnp.log(f(recovery)),
+                       jnp.log(f(slow_start)) * speed)
+      cap = mean + jnp.log(f(release))
+      log_c = jnp.where(
+          cut_now, jnp.minimum(log_c, log_n) + jnp.log(f(cut)),
+          jnp.where(hurt, log_c,
+                    jnp.minimum(log_c + grow, jnp.maximum(cap, log_c))))
+      floor = jnp.where(first, log_n + jnp.log(f(start)), floor)
+      # Never below where it started.
+      log_c = jnp.where(first, floor, jnp.maximum(log_c, floor))
+      released = ~first & (log_c >= cap)
+      controller = jnp.where(released, jnp.inf, jnp.exp(log_c))
+      recovering = jnp.where(hurt, 1.0, recovering)
+      # Spikes: a z-score on the log norm; statistics of capped norms.
+      log_spike = jnp.where(first, jnp.inf, mean + f(spike_z) * jnp.sqrt(var))
+      kept = jnp.minimum(log_n, log_spike)
+      rho = f(spike_decay)
+      new_mean = jnp.where(first, log_n, rho * mean + (1 - rho) * kept)
+      new_var = jnp.where(first, 1.0,
+                          rho * var + (1 - rho) * jnp.square(kept - new_mean))
+      spike = jnp.exp(log_spike)
+      threshold = jnp.minimum(controller, spike)
+      cause = jnp.where(norm <= threshold, NONE,
+                        jnp.where(spike < controller, SPIKE,
+                                  jnp.where(recovering > 0, OVERSHOOT,
+                                            START)))
+      new = (log_c, floor, new_mean, new_var, sums, recovering, streak,
+             jnp.minimum(count + 1, 2), prev_p if p_sub is None else p_sub,
+             g_sub)
+      return threshold, new, cause, trend
+
+    stats = (state.log_threshold, state.log_floor, state.norm_mean, state.norm_var,
+             state.trend_sums, state.recovering, state.trouble_steps,
+             state.norm_count,
+             state.prev_params, state.prev_grads)
+    norm = _numerics.global_norm(leaves, axis_name)
+    value = f(norm.value)
+    ok = jnp.isfinite(value)
+    threshold, new, cause, trend = rule(jnp.where(ok, value, 0.0), stats)
+    threshold = _history.ceiling(threshold, max_norm)
+    cause = jnp.where(ok & (value > threshold),
+                      jnp.where(cause == NONE, CEILING, cause), NONE)
+    updates, _, scale = _global_norm.clip_global(updates, threshold, norm)
+    stats = _history.keep_if_finite(ok, new, stats)
+    return updates, AdaptiveState(
+        value, f(threshold), f(scale.applied), f(cause),
+        jnp.where(ok, trend, state.loss_trend), *stats)
 
   return _metrics.named(optax.GradientTransformation(init_fn, update_fn), name)

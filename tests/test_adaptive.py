@@ -8,7 +8,6 @@ import optax
 import pytest
 
 import optax_clipkit as clipkit
-from benchmarks import tasks
 
 
 def norm_sequence(seed, steps, bad=()):
@@ -146,37 +145,11 @@ def test_zclip_matches_reference_code(z, decay, warmup, max_norm, jit):
   assert clipped > 0  # The sequence does exercise the clipping.
 
 
-def adaptive_reference(norms, p, history, growth, scale, max_norm):
-  kept, out, level = [], [], np.inf
-  for n in norms:
-    if np.isfinite(n):
-      kept = (kept + [min(n, level * (1 + growth))])[-history:]
-      level = np.percentile(kept, p)
-    t = scale * level if kept else np.inf
-    out.append(t if max_norm is None else min(t, max_norm))
-  return out
-
-
-@pytest.mark.parametrize("p,history,growth,scale,max_norm", [
-    (50.0, 100, 0.01, 0.1, None),
-    (10.0, 5, 0.1, 1.0, 1.0),
-    (90.0, 3, 0.0, 0.5, 20.0),
-])
-def test_adaptive_matches_reference(p, history, growth, scale, max_norm):
-  seq = norm_sequence(2, 300, bad=(0, 5, 100))
-  tx = clipkit.adaptive(p, history, growth=growth, scale=scale,
-                        max_norm=max_norm)
-  outs, states = run(tx, seq)
-  expected = adaptive_reference([np_norm(g) for g in seq], p, history, growth,
-                                scale, max_norm)
-  for g, u, s, t in zip(seq, outs, states, expected):
-    np.testing.assert_allclose(s.clip_threshold, t, rtol=1e-5)
-    check_clipped_to(g, u, t)
-
-
 STATS = {  # strategy -> its state fields that are statistics, not metrics
     "adaptive": (clipkit.adaptive,
-                 ("norm_history", "norm_count", "norm_level")),
+                 ("log_threshold", "norm_mean", "norm_var", "trend_sums",
+                  "recovering", "trouble_steps", "norm_count", "prev_params",
+                  "prev_grads")),
     "autoclip": (clipkit.autoclip, ("norm_history", "norm_count")),
     "zclip": (lambda: clipkit.zclip(warmup=2),
               ("norm_mean", "norm_var", "warmup_norms", "warmup_count")),
@@ -197,7 +170,8 @@ def test_non_finite_step_leaves_statistics_unchanged(name, bad):
   g["b"][0][1, 2] = bad
   out, after = update(g, state)
   for f in fields:
-    np.testing.assert_array_equal(getattr(after, f), getattr(state, f))
+    jax.tree.map(np.testing.assert_array_equal, getattr(after, f),
+                 getattr(state, f))
   # The step's output stays non-finite and its metrics report it.
   np.testing.assert_array_equal(out["b"][0], g["b"][0])
   assert not np.isfinite(clipkit.metrics(after)["grad_norm"])
@@ -206,7 +180,8 @@ def test_non_finite_step_leaves_statistics_unchanged(name, bad):
   u2, s2 = update(seq[1], state)
   np.testing.assert_array_equal(u1["a"], u2["a"])
   for f in fields:
-    np.testing.assert_array_equal(getattr(s1, f), getattr(s2, f))
+    jax.tree.map(np.testing.assert_array_equal, getattr(s1, f),
+                 getattr(s2, f))
 
 
 def test_huge_finite_gradients_are_clipped_not_zeroed():
@@ -242,9 +217,13 @@ def test_norm_beyond_float32_is_clipped_after_warmup(name):
 @pytest.mark.parametrize("factory,arg,bad,message", [
     (clipkit.autoclip, "percentile", 100.5, "a number in \\[0, 100\\]"),
     (clipkit.autoclip, "percentile", -1.0, "a number in \\[0, 100\\]"),
-    (clipkit.adaptive, "percentile", float("nan"), "a number in \\[0, 100\\]"),
+    (clipkit.adaptive, "start", 0.0, "a number in \\(0, 1\\]"),
+    (clipkit.adaptive, "cut", float("nan"), "a number in \\(0, 1\\]"),
+    (clipkit.adaptive, "slow_start", 0.9, "a number >= 1"),
+    (clipkit.adaptive, "trouble", 1.5, "a number in \\[-1, 1\\]"),
+    (clipkit.adaptive, "trend_decay", 1.0, "a number in \\(0, 1\\)"),
+    (clipkit.adaptive, "coordinates", 0, "an integer >= 1"),
     (clipkit.autoclip, "history", 0, "an integer >= 1"),
-    (clipkit.adaptive, "history", 2.5, "an integer >= 1"),
     (clipkit.zclip, "decay", 1.0, "a number in \\(0, 1\\)"),
     (clipkit.zclip, "decay", 0.0, "a number in \\(0, 1\\)"),
     (clipkit.zclip, "warmup", 0, "an integer >= 1"),
@@ -253,8 +232,8 @@ def test_norm_beyond_float32_is_clipped_after_warmup(name):
     (clipkit.zclip, "max_norm", -1.0, "a non-negative number"),
     (clipkit.autoclip, "max_norm", -1.0, "a non-negative number"),
     (clipkit.adaptive, "max_norm", "1", "a non-negative number"),
-    (clipkit.adaptive, "growth", -0.1, "a non-negative number"),
-    (clipkit.adaptive, "scale", -0.1, "a non-negative number"),
+    (clipkit.adaptive, "spike_z", 0.0, "a positive number"),
+    (clipkit.adaptive, "patience", 0.5, "a number >= 1"),
 ])
 def test_bad_arguments_raise_at_construction(factory, arg, bad, message):
   with pytest.raises(ValueError, match=f"`{arg}` must be {message}, got"):
@@ -296,18 +275,302 @@ def test_checkpoint_resumes_bit_identically(name, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
-def test_adaptive_defaults_tame_exploding_sgd():
-  # The demo's regression with SGD diverges unclipped; adaptive() trains it.
-  task = tasks.regression_task(steps=300)
-  sgd = optax.sgd(0.01, momentum=0.9)
-  unclipped, _, _ = tasks.train_task(task, sgd)
-  clipped, _, metrics = tasks.train_task(
-      task, optax.chain(clipkit.adaptive(), sgd))
-  assert not np.isfinite(unclipped)
-  y_var = np.var(np.asarray(tasks.make_regression()[1]))
-  assert clipped < 0.05 * y_var
-  # Step 1 is clipped, to a tenth of its norm, and so are most steps.
-  norms = np.asarray(metrics["grad_norm"])
-  thresholds = np.asarray(metrics["clip_threshold"])
-  np.testing.assert_allclose(thresholds[0], 0.1 * norms[0], rtol=1e-5)
-  assert np.mean(thresholds < norms) > 0.9
+
+
+# ----------------------------------------------------------------- adaptive
+class AdaptiveReference:
+  """`adaptive`'s rule in numpy (float64), step by step from its docstring."""
+
+  def __init__(self, params, start=0.02, slow_start=1.1, recovery=1.02,
+               cut=0.5, trouble=0.0, trend_decay=0.8, patience=10,
+               release=4.0, spike_z=3.0, spike_decay=0.95, coordinates=256):
+    self.hp = dict(start=start, slow_start=slow_start, recovery=recovery,
+                   cut=cut, trouble=trouble, trend_decay=trend_decay,
+                   patience=patience, release=release, spike_z=spike_z,
+                   spike_decay=spike_decay)
+    leaves = [np.asarray(x) for x in jax.tree.leaves(params)]
+    total = sum(x.size for x in leaves)
+    # The subset: per leaf, about coordinates * size / total elements, on a
+    # grid of equal strides in every dimension; weight = size / kept.
+    self.index, self.weight = [], []
+    for x in leaves:
+      budget = max(1, round(coordinates * x.size / total))
+      s = 1  # The smallest power of two that keeps at most ~budget.
+      if x.ndim and x.size > budget:
+        while s < (x.size / budget) ** (1 / x.ndim) * (1 - 1e-12):
+          s *= 2
+      grid = np.ix_(*[np.arange(0, n, s) for n in x.shape])
+      self.index.append(grid)
+      self.weight.append(x.size / x[grid].size)
+    self.count = 0
+    self.log_c = np.inf
+    self.mean = self.var = 0.0
+    self.sums = np.zeros(2)
+    self.recovering = False
+    self.streak = 0
+    self.prev_p = self.prev_g = None
+
+  def dot(self, xs, ys):
+    return sum(w * np.sum(x.astype(np.float64) * y)
+               for w, x, y in zip(self.weight, xs, ys))
+
+  def subset(self, tree):
+    return [np.asarray(x, np.float64)[i]
+            for x, i in zip(jax.tree.leaves(tree), self.index)]
+
+  def step(self, grads, params):
+    """Returns (threshold, cause) and updates the statistics."""
+    h = self.hp
+    n = np_norm(grads)
+    if not np.isfinite(n):
+      return self.threshold_if_bad(), 0.0
+    g, p = self.subset(grads), self.subset(params)
+    log_n = np.log(max(n, np.finfo(np.float32).tiny))
+    first = self.count == 0
+    hurt = False
+    if not first:
+      d = [x - y for x, y in zip(p, self.prev_p)]
+      a, b = -self.dot(self.prev_g, d), self.dot(g, d)
+      self.sums = (h["trend_decay"] * self.sums
+                   + (1 - h["trend_decay"]) * np.array([b - a, abs(a) + abs(b)]))
+    trend = self.sums[0] / self.sums[1] if self.sums[1] > 0 else 0.0
+    if not first:
+      hurt = trend > h["trouble"] and b - a > 0
+    self.streak = self.streak + 1 if hurt else 0
+    cap = self.mean + np.log(h["release"])
+    if first:
+      self.log_c = self.floor = log_n + np.log(h["start"])
+    elif hurt:
+      if (self.streak - 1) % h["patience"] == 0:
+        self.log_c = min(self.log_c, log_n) + np.log(h["cut"])
+    else:
+      if self.recovering:  # Additive increase in log c.
+        grown = self.log_c + np.log(h["recovery"])
+      else:  # Slow start, as fast as the loss falls.
+        grown = self.log_c + np.log(h["slow_start"]) * min(max(-trend, 0), 1)
+      self.log_c = min(grown, max(cap, self.log_c))
+    self.log_c = max(self.log_c, self.floor)
+    self.recovering = self.recovering or hurt
+    controller = np.inf if (not first and self.log_c >= cap) else np.exp(
+        self.log_c)
+    log_spike = np.inf if first else self.mean + h["spike_z"] * np.sqrt(
+        self.var)
+    kept = min(log_n, log_spike)
+    if first:
+      self.mean, self.var = log_n, 1.0
+    else:
+      r = h["spike_decay"]
+      self.mean = r * self.mean + (1 - r) * kept
+      self.var = r * self.var + (1 - r) * (kept - self.mean) ** 2
+    spike = np.exp(log_spike)
+    threshold = min(controller, spike)
+    cause = 0.0
+    if n > threshold:
+      cause = 3.0 if spike < controller else (2.0 if self.recovering else 1.0)
+    self.count += 1
+    self.prev_p, self.prev_g = p, g
+    self.last_threshold = threshold
+    return threshold, cause
+
+  def threshold_if_bad(self):
+    return None  # Not compared: the updates pass through unchanged.
+
+
+def training_sequence(seed, steps, bad=()):
+  """(grads, params) pairs: params walk along the clipped-looking updates.
+
+  The gradients are `norm_sequence`'s; the parameters take steps that
+  alternate between following and opposing the gradient in stretches, so
+  that the loss estimate rises and falls and the controller both cuts and
+  grows.
+  """
+  rng = np.random.default_rng(seed + 100)
+  grads = norm_sequence(seed, steps, bad)
+  params, p = [], jax.tree.map(lambda x: np.zeros_like(x), grads[0])
+  for t, g in enumerate(grads):
+    params.append(p)
+    sign = 1.0 if (t // 15) % 3 == 2 else -1.0  # Uphill one stretch in three.
+    step = 10.0 ** rng.uniform(-3, -1)
+    p = jax.tree.map(
+        lambda x, y, s=step, sg=sign: (
+            x + sg * s * np.nan_to_num(y, posinf=0.0, neginf=0.0)
+            / (1.0 + np_norm(jax.tree.map(lambda z: np.nan_to_num(
+                z, posinf=0.0, neginf=0.0), g)))
+            + 1e-3 * rng.standard_normal(x.shape)).astype(np.float32),
+        p, g)
+  return grads, params
+
+
+@pytest.mark.parametrize("hp", [
+    {},
+    {"trouble": -0.2, "patience": 3, "cut": 0.3, "coordinates": 4},
+    {"start": 1.0, "slow_start": 3.0, "release": 1.0, "spike_z": 1.0},
+    {"trend_decay": 0.5, "recovery": 1.5, "spike_decay": 0.5,
+     "coordinates": 1000},
+])
+def test_adaptive_matches_reference(hp):
+  grads, params = training_sequence(2, 300, bad=(0, 5, 100, 101))
+  tx = clipkit.adaptive(**hp)
+  update = jax.jit(tx.update)
+  state = tx.init(params[0])
+  ref = AdaptiveReference(params[0], **hp)
+  causes = set()
+  for g, p in zip(grads, params):
+    u, state = update(g, state, p)
+    t, cause = ref.step(g, p)
+    if t is None:  # A non-finite step passes through unchanged.
+      check_clipped_to(g, u, np.inf)
+      continue
+    np.testing.assert_allclose(state.clip_threshold, t, rtol=2e-4)
+    check_clipped_to(g, u, t)
+    if abs(np_norm(g) / t - 1) > 1e-5:  # Not a tie within rounding.
+      assert float(state.clip_cause) == cause
+    causes.add(cause)
+  assert len(causes) >= 2  # The sequence exercises the rule.
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_adaptive_non_finite_step_with_params_changes_no_statistic(bad):
+  grads, params = training_sequence(3, 30)
+  tx = clipkit.adaptive()
+  update = jax.jit(tx.update)
+  state = tx.init(params[0])
+  for g, p in zip(grads[:20], params[:20]):
+    _, state = update(g, state, p)
+  g = jax.tree.map(np.copy, grads[20])
+  g["b"][0][0, 1] = bad
+  _, after = update(g, state, params[20])
+  fields = [f for f in state._fields if f not in clipkit.metrics(state)]
+  for f in fields:
+    jax.tree.map(np.testing.assert_array_equal, getattr(after, f),
+                 getattr(state, f))
+  # Non-finite parameters (a finite norm) change no trend statistic either.
+  p = jax.tree.map(lambda x: np.full_like(x, bad), params[20])
+  _, after = update(grads[20], state, p)
+  np.testing.assert_array_equal(after.trend_sums, state.trend_sums)
+
+
+def test_adaptive_without_params_clips_spikes_only():
+  # No params: no loss estimate. After the slow start the threshold is
+  # released and only a spike is clipped.
+  tx = clipkit.adaptive()
+  update = jax.jit(tx.update)
+  g = {"w": jnp.ones((100,))}
+  state = tx.init(g)
+  for _ in range(80):  # 0.02 * 1.1**42 > 1 (a norm), * 1.1**15 > 4 (release)
+    out, state = update(g, state)
+  m = clipkit.metrics(state)
+  assert m["clip_scale"] == 1.0 and m["clip_cause"] == 0.0
+  # Released: the threshold left is the spike cap, above the norm.
+  assert state.log_threshold >= state.norm_mean + np.log(4.0) - 1e-6
+  assert m["clip_threshold"] > 10.0
+  assert m["loss_trend"] == 0.0
+  out, state = update({"w": 100 * jnp.ones((100,))}, state)
+  m = clipkit.metrics(state)
+  assert m["clip_scale"] < 0.1 and m["clip_cause"] == 3.0  # A spike.
+
+
+def test_adaptive_first_step_is_clipped_to_start_fraction():
+  tx = clipkit.adaptive(start=0.1)
+  g = {"w": jnp.array([30.0, 40.0])}
+  out, state = tx.update(g, tx.init(g), g)
+  np.testing.assert_allclose(out["w"], [3.0, 4.0], rtol=1e-6)  # 0.1 * 50
+  assert clipkit.metrics(state)["clip_cause"] == 1.0  # The slow start.
+
+
+def test_adaptive_params_must_match_updates():
+  tx = clipkit.adaptive()
+  g = {"w": jnp.ones(3)}
+  with pytest.raises(ValueError, match="`params`"):
+    tx.update(g, tx.init(g), {"w": jnp.ones(3), "v": jnp.ones(2)})
+
+
+def test_adaptive_sharded_params_gather_nothing():
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+  g = {"w": jax.random.normal(jax.random.PRNGKey(0), (128, 64)),
+       "b": jax.random.normal(jax.random.PRNGKey(1), (64,))}
+  shardings = {"w": NamedSharding(mesh, P("data", "model")),
+               "b": NamedSharding(mesh, P("model"))}
+  sg = jax.device_put(g, shardings)
+  tx = clipkit.adaptive()
+  step = jax.jit(tx.update)
+  state = tx.init(sg)  # The subset buffers follow the params' sharding.
+  p2 = jax.tree.map(lambda x: x * 0.9, sg)
+  _, state1 = step(sg, state, sg)
+  hlo = step.lower(sg, state1, p2).compile().as_text()
+  assert "all-gather" not in hlo
+  out, s_sh = step(sg, state1, p2)
+  _, ref1 = tx.update(g, tx.init(g), g)
+  ref, s_ref = tx.update(g, ref1, jax.tree.map(lambda x: x * 0.9, g))
+  for k in g:
+    assert out[k].sharding.is_equivalent_to(shardings[k], out[k].ndim)
+  np.testing.assert_allclose(out["w"], ref["w"], rtol=1e-5)
+  np.testing.assert_allclose(s_sh.loss_trend, s_ref.loss_trend, rtol=1e-5)
+
+
+def _study_tasks():
+  import importlib
+  import pathlib
+  import sys
+  path = str(pathlib.Path(__file__).parent.parent / "benchmarks")
+  if path not in sys.path:
+    sys.path.insert(0, path)
+  return importlib.import_module("adaptive_tasks")
+
+
+def _train(task, clip, seeds=4):
+  """Final losses and clip_scale traces of `seeds` runs, vmapped."""
+  opt = optax.sgd(task.lr["sgd"], momentum=0.9)
+  tx = opt if clip is None else optax.chain(clip, opt)
+
+  def one(seed):
+    key = jax.random.PRNGKey(seed)
+    params = task.init(key)
+
+    def step(carry, k):
+      params, state = carry
+      grads = jax.grad(task.loss)(params, task.sample(k))
+      updates, state = tx.update(grads, state, params)
+      scale = clipkit.metrics(state).get("clip_scale", jnp.float32(1))
+      return (optax.apply_updates(params, updates), state), scale
+
+    keys = jax.random.split(jax.random.fold_in(key, 1), task.steps)
+    (params, _), scale = jax.lax.scan(step, (params, tx.init(params)), keys)
+    return task.evaluate(params), scale
+
+  with jax.numpy_dtype_promotion("standard"):
+    return jax.jit(jax.vmap(one))(jnp.arange(seeds))
+
+
+def test_adaptive_rescues_exploding_sgd_and_spares_healthy_sgd():
+  tasks = _study_tasks()
+  exploding = tasks.regression(300)
+  healthy = tasks.regression(300, standardize=True)
+  unclipped, _ = _train(exploding, None)
+  fixed, _ = _train(exploding, clipkit.global_norm(5.0))
+  clipped, _ = _train(exploding, clipkit.adaptive())
+  assert not np.any(np.isfinite(unclipped))
+  assert np.all(np.isfinite(clipped))
+  assert np.median(clipped) < 3 * np.median(fixed)
+  base, _ = _train(healthy, None)
+  ours, scale = _train(healthy, clipkit.adaptive())
+  assert np.median(ours) < 1.25 * np.median(base)
+  # Released in steady state: clip_scale is 1 on most late steps.
+  assert np.mean(np.asarray(scale)[:, 150:] == 1.0) > 0.9
+
+
+def test_study_quick_runs(tmp_path):
+  import pathlib
+  import subprocess
+  import sys
+  script = pathlib.Path(__file__).parent.parent / "benchmarks" / "adaptive_study.py"
+  out = tmp_path / "out.json"
+  proc = subprocess.run([sys.executable, str(script), "--quick", "--json",
+                         str(out)], capture_output=True, text=True,
+                        timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Goals on all tasks" in proc.stdout
+  import json
+  results = json.loads(out.read_text())
+  assert {"scores", "goals", "losses"} <= set(results)

@@ -26,7 +26,7 @@ def per_module(max_norm):
 # name -> (factory, numeric hyperparameters). Thresholds are chosen so that
 # the test gradients below are clipped.
 REGISTRY = {
-    "adaptive": (clipkit.adaptive, {"percentile": 10.0, "max_norm": 1.0}),
+    "adaptive": (clipkit.adaptive, {"start": 0.1, "max_norm": 1.0}),
     "autoclip": (clipkit.autoclip, {"percentile": 10.0, "max_norm": 1.0}),
     "global_norm": (clipkit.global_norm, {"max_norm": 1.0}),
     # monitor is the identity: chained before a clip, so the output differs.
@@ -44,7 +44,7 @@ REGISTRY = {
 NAMES = sorted(REGISTRY)
 # Arguments that fix the state's shape: `optax.inject_hyperparams` must not
 # trace them.
-STATIC = {"adaptive": ("history",), "autoclip": ("history",),
+STATIC = {"adaptive": ("coordinates",), "autoclip": ("history",),
           "zclip": ("warmup",)}
 
 
