@@ -268,17 +268,17 @@ def adaptive(
     (the bold driver); Kumar et al., `ZClip: Adaptive Spike Mitigation for
     LLM Pre-Training <https://arxiv.org/abs/2504.02507>`_, 2025
   """
-  for name, value in (("start", start), ("cut", cut)):
-    _validation.check_number(name, value, low=0.0, high=1.0, low_open=True,
+  for arg, value in (("start", start), ("cut", cut)):
+    _validation.check_number(arg, value, low=0.0, high=1.0, low_open=True,
                              expected="a number in (0, 1]")
-  for name, value in (("slow_start", slow_start), ("recovery", recovery),
+  for arg, value in (("slow_start", slow_start), ("recovery", recovery),
                       ("release", release), ("patience", patience)):
-    _validation.check_number(name, value, low=1.0, expected="a number >= 1")
+    _validation.check_number(arg, value, low=1.0, expected="a number >= 1")
   _validation.check_number("trouble", trouble, low=-1.0, high=1.0,
                            expected="a number in [-1, 1]")
-  for name, value in (("trend_decay", trend_decay),
+  for arg, value in (("trend_decay", trend_decay),
                       ("spike_decay", spike_decay)):
-    _validation.check_number(name, value, low=0.0, high=1.0, low_open=True,
+    _validation.check_number(arg, value, low=0.0, high=1.0, low_open=True,
                              high_open=True, expected="a number in (0, 1)")
   _validation.check_number("spike_z", spike_z, low=0.0, low_open=True,
                            expected="a positive number")

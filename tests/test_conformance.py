@@ -301,3 +301,13 @@ def test_state_shape_dtype_shard_stability(name):
     else:
       assert b.sharding.is_equivalent_to(a.sharding, a.ndim), (a.sharding,
                                                                b.sharding)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in (
+    "monitor", "per_module", "skip_spikes")])  # These report several states.
+def test_unnamed_metrics_keys_are_plain(name):
+  tx = make(name)
+  g = grads()
+  _, state = jax.jit(tx.update)(g, tx.init(g), g)
+  keys = set(clipkit.metrics(state))
+  assert keys and not any("/" in k for k in keys), keys
