@@ -293,7 +293,9 @@ def adaptive(
     _validation.check_float_leaves(params)
     leaves = jax.tree.leaves(params)
     plan = _subset_plan(leaves, n_coords)
-    zeros = tuple(None if p is None else jnp.zeros_like(s)
+    # `s * 0` rather than new zeros: the subsets keep the sharding that
+    # updates will give them.
+    zeros = tuple(None if p is None else s * 0
                   for p, s in zip(plan, subset(leaves, plan)))
     f32 = lambda v: jnp.asarray(v, jnp.float32)
     return AdaptiveState(
