@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from tasks import make_regression
+
 
 class Task(NamedTuple):
   init: Callable
@@ -41,17 +43,6 @@ class Task(NamedTuple):
 
 
 # ---------------------------------------------------------------- regression
-def make_regression(n_samples=1000, n_features=20, n_informative=10,
-                    noise=0.1, seed=1):
-  """Gaussian features, a random sparse linear target (like scikit-learn's)."""
-  rng = np.random.default_rng(seed)
-  x = rng.standard_normal((n_samples, n_features)).astype(np.float32)
-  w = np.zeros((n_features,), np.float32)
-  w[:n_informative] = 100 * rng.uniform(size=n_informative)
-  y = x @ w + noise * rng.standard_normal(n_samples)
-  return x, y.astype(np.float32)
-
-
 def init_mlp(key, sizes, gain=np.sqrt(6.0), act_bias=0.0):
   params = []
   for k, (n_in, n_out) in zip(jax.random.split(key, len(sizes) - 1),
