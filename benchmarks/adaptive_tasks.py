@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tasks import make_regression
+from tasks import adding_data, make_regression
 
 
 class Task(NamedTuple):
@@ -80,16 +80,6 @@ def regression(steps, standardize=False, batch=32):
 
 
 # ------------------------------------------------------- recurrent networks
-def adding_data(key, n, length):
-  """The adding problem: sum the two values marked in a sequence."""
-  kv, ki, kj = jax.random.split(key, 3)
-  values = jax.random.uniform(kv, (n, length))
-  i = jax.random.randint(ki, (n,), 0, length // 2)
-  j = jax.random.randint(kj, (n,), length // 2, length)
-  markers = jax.nn.one_hot(i, length) + jax.nn.one_hot(j, length)
-  return jnp.stack([values, markers], -1), jnp.sum(values * markers, axis=1)
-
-
 def _sequence_task(init, cell, hidden, data, steps, lr, exploding, batch=16):
   """A recurrent `cell` through a sequence, a linear head on the last state."""
 

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import jax
@@ -73,6 +74,16 @@ def regression_task(steps=2000, batch=32, standardize=False):
               evaluate=lambda p: mse(p, x_train, y_train), steps=steps)
 
 
+def adding_data(key, n, length):
+  """The adding problem: sum the two values marked in a sequence."""
+  kv, ki, kj = jax.random.split(key, 3)
+  values = jax.random.uniform(kv, (n, length))
+  i = jax.random.randint(ki, (n,), 0, length // 2)
+  j = jax.random.randint(kj, (n,), length // 2, length)
+  markers = jax.nn.one_hot(i, length) + jax.nn.one_hot(j, length)
+  return jnp.stack([values, markers], -1), jnp.sum(values * markers, axis=1)
+
+
 def adding_task(length=30, hidden=32, steps=2000, batch=32):
   """A vanilla tanh RNN trained through time on the adding problem.
 
@@ -90,13 +101,7 @@ def adding_task(length=30, hidden=32, steps=2000, batch=32):
             "wo": jax.random.normal(k3, (hidden, 1)) / np.sqrt(hidden),
             "bo": jnp.zeros((1,))}
 
-  def data(key, n):
-    kv, ki, kj = jax.random.split(key, 3)
-    values = jax.random.uniform(kv, (n, length))
-    i = jax.random.randint(ki, (n,), 0, length // 2)
-    j = jax.random.randint(kj, (n,), length // 2, length)
-    markers = jax.nn.one_hot(i, length) + jax.nn.one_hot(j, length)
-    return jnp.stack([values, markers], -1), jnp.sum(values * markers, axis=1)
+  data = functools.partial(adding_data, length=length)
 
   def predict(p, x):
     def cell(h, x_t):
