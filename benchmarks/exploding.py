@@ -87,13 +87,13 @@ def final_loss(task, clip, opt, seed):
 
 
 def study(seeds: int, steps: int) -> dict:
-  tasks = {"regression": tasks.regression_task(steps=steps),
+  cells = {"regression": tasks.regression_task(steps=steps),
            "adding": tasks.adding_task(steps=steps),
            "lstm": lstm_task(steps),
            "control": tasks.regression_task(steps=steps, standardize=True)}
   rows = {}
   for (tname, oname) in OPTIMIZERS:
-    task, opt = tasks[tname], optimizer(tname, oname)
+    task, opt = cells[tname], optimizer(tname, oname)
     grid = np.array([[final_loss(task, clipkit.global_norm(c), opt, s)
                       for c in GRID] for s in range(seeds)])
     best = np.nanmin(np.median(grid, axis=0))

@@ -309,6 +309,12 @@ def main():
              "quick": q}
   print(f"machine: {results['machine']}\n")
 
+  def save():
+    # After every section, so that a long run stopped late keeps the rest.
+    if args.json:
+      with open(args.json, "w") as f:
+        json.dump(results, f, indent=1)
+
   results["step"] = rows = step_times(q)
   print("## Step time (ratios are medians of interleaved rounds)\n")
   print(_harness.table(
@@ -316,38 +322,45 @@ def main():
        "clipkit/optimizer", "optax/optimizer"],
       [list(r.values()) for r in rows]))
 
+  save()
   results["stateful"] = rows = stateful_overhead(q)
   print("\n## Overhead on top of global_norm (transformer tree, float32)\n")
   print(_harness.table(["strategy", "optimizer", "time / global_norm"],
                        [list(r.values()) for r in rows]))
 
+  save()
   results["bandwidth"] = rows = norm_bandwidth(q)
   print("\n## Global-norm pass: achieved read bandwidth\n")
   print(_harness.table(
       ["device", "tree", "dtype", "MB read", "clipkit GB/s", "optax GB/s",
        "plain sum GB/s", "peak GB/s", "clipkit/peak"],
       [list(r.values()) for r in rows]))
+  save()
   results["guard"] = rows = guard_overhead(q)
   print("\n## Training guard and monitor over the step they wrap"
         " (transformer tree, float32)\n")
   print(_harness.table(["step", "M params", "ms", "over", "ratio"],
                        [list(r.values()) for r in rows]))
 
+  save()
   results["compile"] = rows = compile_times(q)
   print("\n## Compile time of one step\n")
   print(_harness.table(["leaves", "strategy", "clipkit s", "optax s", "ratio"],
                        [list(r.values()) for r in rows]))
 
+  save()
   results["memory"] = rows = memory(q)
   print("\n## Compiled temporary memory (transformer tree, float32)\n")
   print(_harness.table(["strategy", "with", "clipkit MiB", "optax MiB"],
                        [list(r.values()) for r in rows]))
 
+  save()
   results["torch"] = ref = torch_reference(q)
   if ref:
     print("\n## torch reference\n")
     print(_harness.table(list(ref), [list(ref.values())]))
 
+  save()
   if not q:
     import exploding  # pylint: disable=g-import-not-at-top
     with jax.numpy_dtype_promotion("standard"):
@@ -355,9 +368,7 @@ def main():
     print("\n## Exploding-gradient tasks (final loss / best fixed threshold)\n")
     print(exploding.table(rows))
 
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(results, f, indent=1)
+  save()
 
 
 if __name__ == "__main__":
