@@ -50,8 +50,9 @@ def page(results: dict) -> str:
       "`chain(clipper, optimizer)` against `chain(optax equivalent,"
       " optimizer)` and the optimizer alone, with gradients scaled so that"
       " clipping is active. optax has no per-leaf norm clipper:"
-      " `clip_by_block_rms` does the same work. `value_uncounted` is"
-      " `value(1.0, count_clipped=False)`.",
+      " `clip_by_block_rms` does the same work. `value` is `value(1.0)`"
+      " (the default, no count); `value_counted` is"
+      " `value(1.0, count_clipped=True)`.",
       "",
       _harness.table(
           ["tree", "dtype", "M params", "step", "clipkit ms", "clipkit/optax",
@@ -64,6 +65,36 @@ def page(results: dict) -> str:
       "",
       _harness.table(["strategy", "optimizer", "time / global_norm"],
                      rows(results, "stateful")),
+      "",
+  ]
+  if results.get("bandwidth"):
+    out += [
+        "",
+        "## Global-norm pass: achieved read bandwidth",
+        "",
+        "Bytes of the tree read over the time of the norm alone (best of 20),"
+        " against optax's global norm, a plain sum over one buffer of the same"
+        " bytes (what the memory system gives a reduction), and the device's"
+        " peak where known (a data-sheet figure for GPUs and TPUs;"
+        " none for CPUs).",
+        "",
+        _harness.table(
+            ["device", "tree", "dtype", "MB read", "clipkit GB/s",
+             "optax GB/s", "plain sum GB/s", "peak GB/s", "clipkit/peak"],
+            rows(results, "bandwidth")),
+    ]
+  if results.get("guard"):
+    out += [
+        "",
+        "## Training guard and monitor",
+        "",
+        "A step of `skip_spikes` or `monitor` over the step it wraps, on the"
+        " transformer tree in float32.",
+        "",
+        _harness.table(["step", "M params", "ms", "over", "ratio"],
+                       rows(results, "guard")),
+    ]
+  out += [
       "",
       "## Compile time",
       "",
