@@ -15,6 +15,11 @@ of every leaf (at most `coordinates` in all), weighted by each leaf's size
 over its share, so the estimate is global, cheap, and needs no copy of the
 parameters: each device reduces its own part of a sharded leaf.
 
+Where the loss is passed (``tx.update(g, state, params, loss=loss)``), a
+sustained rise of the observed loss is trouble too: the trapezoid estimate is
+biased towards "falling" by the step's own minibatch noise, and misses rises
+in noise-dominated runs.
+
 Limits: without `params` (``tx.update(g, state)``) there is no loss
 estimate, and the rule is its slow start followed by spike clipping alone.
 """
@@ -34,6 +39,11 @@ from optax_clipkit import _history
 from optax_clipkit import _metrics
 from optax_clipkit import _numerics
 from optax_clipkit import _validation
+
+# The loss watch: a rise is the fast EMA (decay `_FAST`) of the loss above
+# its value `_LAG` steps earlier by more than `_RISE` times the typical
+# single-step change (an EMA with decay `_SLOW`).
+_FAST, _SLOW, _RISE, _LAG = 0.9, 0.99, 1.0, 10
 
 # Values of `clip_cause`.
 NONE, START, OVERSHOOT, SPIKE, CEILING = 0.0, 1.0, 2.0, 3.0, 4.0
@@ -57,6 +67,11 @@ class AdaptiveState(NamedTuple):
     trend_sums: EMAs of :math:`\\Delta L` and of its scale (2 floats).
     recovering: 1.0 once the loss has been seen rising (slow recovery), else
       0.0 (slow start).
+    trouble_steps: Consecutive steps in trouble.
+    loss_stats: The loss watch (15 floats): the last finite loss passed (NaN
+      before any), the EMA of the absolute single-step change and its total
+      weight, the count of losses (saturating at 10), and the fast EMA of the
+      loss over the last 11 steps.
     norm_count: int32 count of finite steps, saturating at 2.
     prev_params: The parameters' subset coordinates at the last finite step.
     prev_grads: The gradients' subset coordinates at the last finite step.
@@ -74,6 +89,7 @@ class AdaptiveState(NamedTuple):
   trend_sums: jax.Array
   recovering: jax.Array
   trouble_steps: jax.Array
+  loss_stats: jax.Array
   norm_count: jax.Array
   prev_params: Any
   prev_grads: Any
@@ -117,6 +133,33 @@ def _take(x, strides):
   if not x.shape:
     return _numerics.as_f32(x)
   return _numerics.as_f32(x[tuple(slice(None, None, s) for s in strides)])
+
+
+def _watch(loss: jax.Array, watch: jax.Array):
+  """Whether the loss is in a sustained rise, and the updated watch.
+
+  `watch` holds the last finite loss (NaN before any), the EMA of
+  ``|loss_t - loss_{t-1}|``, that EMA's total weight ``1 - 0.99**k`` (its
+  bias correction), the count of finite losses (saturating), and the fast
+  EMA of the loss over the last `_LAG` + 1 finite steps, oldest first. A
+  loss that is not finite changes nothing.
+  """
+  last, change, weight, count = watch[0], watch[1], watch[2], watch[3]
+  levels = watch[4:]
+  finite = jnp.isfinite(loss)
+  first = ~jnp.isfinite(last)
+  change = jnp.where(first, change, _SLOW * change
+                     + (1 - _SLOW) * jnp.abs(loss - last))
+  weight = jnp.where(first, weight, _SLOW * weight + (1 - _SLOW))
+  fast = jnp.where(first, loss, _FAST * levels[-1] + (1 - _FAST) * loss)
+  levels = jnp.concatenate([levels[1:], fast[None]])
+  typical = change / jnp.where(weight > 0, weight, 1.0)
+  rising = (finite & (count >= _LAG) & (typical > 0)
+            & (fast - levels[0] > _RISE * typical))
+  new = jnp.concatenate(
+      [jnp.stack([loss, change, weight, jnp.minimum(count + 1, _LAG)]),
+       levels])
+  return rising, jnp.where(finite, new, watch)
 
 
 def adaptive(
@@ -187,6 +230,18 @@ def adaptive(
   started. Its threshold is :math:`c_t`, or :math:`\infty` (released) once
   :math:`\log c_t \ge \mu_{t-1} + \log R`.
 
+  **The loss, when passed** (``tx.update(g, state, params, loss=loss)``, the
+  keyword `skip_spikes` reads too): with :math:`F_t` the EMA of the loss with
+  decay 0.9 (starting at the first loss) and :math:`N_t` an EMA (0.99,
+  bias-corrected) of :math:`|L_t - L_{t-1}|`, step :math:`t` is also in
+  trouble when :math:`F_t - F_{t-10} > N_t`, from the eleventh loss on: a
+  rise sustained over some ten steps, which noise in the minibatch losses
+  does not make, and which ends some ten steps after the loss stops
+  rising. The trapezoid estimate is biased
+  towards "falling" by the step's own minibatch noise (its
+  :math:`a_t` holds :math:`\eta|\xi|^2` for SGD), so it can miss the rises
+  of noise-dominated runs; the observed loss is not biased.
+
   **Spikes.** With :math:`\ell_t = \mu_{t-1} + z\,\sigma_{t-1}`
   (:math:`z` the `spike_z`; :math:`\infty` on the first step),
   :math:`x_t = \min(\log n_t, \ell_t)`,
@@ -212,6 +267,8 @@ def adaptive(
   - A step whose norm is NaN or inf leaves every statistic, the subset
     buffers included, bit-identical; its updates pass through unchanged.
     A step whose loss estimate is not finite changes no trend statistic.
+  - The loss is optional and changes only when trouble is declared; a loss
+    that is not finite changes nothing. Other extra arguments are ignored.
   - ``tx.update(updates, state)`` without `params` degrades gracefully:
     there is no loss estimate (:math:`T_t = 0`), so the rule is its slow
     start at the full rate :math:`r_t = \log` `slow_start`, then release
@@ -242,12 +299,12 @@ def adaptive(
     name: If given, the metrics are reported as ``"<name>/<metric>"``.
 
   Returns:
-    A :class:`optax.GradientTransformation` with state `AdaptiveState`; its
-    metrics add ``clip_cause`` and ``loss_trend``.
+    A :class:`optax.GradientTransformationExtraArgs` with state
+    `AdaptiveState`; its metrics add ``clip_cause`` and ``loss_trend``.
 
   Raises:
     ValueError: If an argument is outside its range, or at update time if
-      `params` does not match the updates.
+      `params` does not match the updates or ``loss`` is not a scalar.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -309,12 +366,19 @@ def adaptive(
         trend_sums=jnp.zeros((2,), jnp.float32),
         recovering=f32(0.0),
         trouble_steps=f32(0.0),
+        loss_stats=jnp.concatenate([
+            jnp.array([jnp.nan, 0.0, 0.0, 0.0], jnp.float32),
+            jnp.zeros((_LAG + 1,), jnp.float32)]),
         norm_count=jnp.zeros((), jnp.int32),
         prev_params=zeros,
         prev_grads=zeros,
     )
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, *, loss=None, **extra_args):
+    del extra_args  # Meant for other transformations of a chain.
+    if loss is not None and jnp.ndim(loss) != 0:
+      raise ValueError(
+          f"`loss` must be a scalar, got an array of shape {jnp.shape(loss)}.")
     leaves = jax.tree.leaves(updates)
     plan = _subset_plan(leaves, n_coords)
     g_sub = subset(leaves, plan)
@@ -336,8 +400,8 @@ def adaptive(
       return total if axis_name is None else jax.lax.psum(total, axis_name)
 
     def rule(norm, stats):
-      (log_c, floor, mean, var, sums, recovering, streak, count, prev_p,
-       prev_g) = stats
+      (log_c, floor, mean, var, sums, recovering, streak, watch, count,
+       prev_p, prev_g) = stats
       log_n = jnp.log(jnp.maximum(norm, jnp.finfo(jnp.float32).tiny))
       first = count == 0
       # The estimated change of the loss over the last step, and its trend.
@@ -358,6 +422,9 @@ def adaptive(
       trend = jnp.where(positive,
                         sums[0] / jnp.where(positive, sums[1], 1.0), 0.0)
       hurt = seen & (trend > f(trouble)) & (rise > 0)
+      if loss is not None:
+        rising, watch = _watch(f(loss), watch)
+        hurt |= rising
       # The controller: cut at the onset of a rise and every `patience` steps
       # it lasts; hold while it lasts; otherwise grow as fast as the loss
       # falls (-trend), up to the release cap.
@@ -392,13 +459,13 @@ def adaptive(
                                   jnp.where(recovering > 0, OVERSHOOT,
                                             START)))
       new = (log_c, floor, new_mean, new_var, sums, recovering, streak,
-             jnp.minimum(count + 1, 2), prev_p if p_sub is None else p_sub,
+             watch, jnp.minimum(count + 1, 2), prev_p if p_sub is None else p_sub,
              g_sub)
       return threshold, new, cause, trend
 
     stats = (state.log_threshold, state.log_floor, state.norm_mean, state.norm_var,
              state.trend_sums, state.recovering, state.trouble_steps,
-             state.norm_count,
+             state.loss_stats, state.norm_count,
              state.prev_params, state.prev_grads)
     norm = _numerics.global_norm(leaves, axis_name)
     value = f(norm.value)
@@ -413,4 +480,5 @@ def adaptive(
         value, f(threshold), f(scale.applied), f(cause),
         jnp.where(ok, trend, state.loss_trend), *stats)
 
-  return _metrics.named(optax.GradientTransformation(init_fn, update_fn), name)
+  return _metrics.named(
+      optax.GradientTransformationExtraArgs(init_fn, update_fn), name)

@@ -309,6 +309,28 @@ class AdaptiveReference:
     self.recovering = False
     self.streak = 0
     self.prev_p = self.prev_g = None
+    # The loss watch: last loss, fast and slow levels, |change| EMA, weight.
+    self.last_loss, self.fast, self.levels = np.nan, 0.0, []
+    self.change, self.change_weight = 0.0, 0.0
+    self.rises = []  # Per finite loss: whether it read as a sustained rise.
+
+  def loss_rising(self, loss):
+    """The docstring's sustained-rise test; updates the loss watch."""
+    if not np.isfinite(loss):
+      return False
+    if np.isfinite(self.last_loss):
+      self.change = 0.99 * self.change + 0.01 * abs(loss - self.last_loss)
+      self.change_weight = 0.99 * self.change_weight + 0.01
+      self.fast = 0.9 * self.fast + 0.1 * loss
+    else:
+      self.fast = loss
+    self.levels.append(self.fast)
+    typical = self.change / self.change_weight if self.change_weight else 0
+    rising = (len(self.levels) > 10 and typical > 0
+              and self.fast - self.levels[-11] > typical)
+    self.last_loss = loss
+    self.rises.append(rising)
+    return rising
 
   def dot(self, xs, ys):
     return sum(w * np.sum(x.astype(np.float64) * y)
@@ -318,7 +340,7 @@ class AdaptiveReference:
     return [np.asarray(x, np.float64)[i]
             for x, i in zip(jax.tree.leaves(tree), self.index)]
 
-  def step(self, grads, params):
+  def step(self, grads, params, loss=None):
     """Returns (threshold, cause) and updates the statistics."""
     h = self.hp
     n = np_norm(grads)
@@ -336,6 +358,8 @@ class AdaptiveReference:
     trend = self.sums[0] / self.sums[1] if self.sums[1] > 0 else 0.0
     if not first:
       hurt = trend > h["trouble"] and b - a > 0
+    if loss is not None:
+      hurt = self.loss_rising(loss) or hurt
     self.streak = self.streak + 1 if hurt else 0
     cap = self.mean + np.log(h["release"])
     if first:
@@ -409,15 +433,51 @@ def training_sequence(seed, steps, bad=()):
      "coordinates": 1000},
 ])
 def test_adaptive_matches_reference(hp):
+  _check_against_reference(hp, losses=None)
+
+
+def loss_sequence(seed, steps, bad=()):
+  """Minibatch-like losses: a noisy decline with two sustained rises.
+
+  Noise of sd 0.3 around a level that falls from 5, rises by 0.15 per step
+  over steps 60-90 and 200-230; steps in `bad` hold NaN or inf.
+  """
+  rng = np.random.default_rng(seed)
+  level, out = 5.0, []
+  for t in range(steps):
+    level += 0.15 if 60 <= t < 90 or 200 <= t < 230 else -0.02
+    loss = level + 0.3 * rng.standard_normal()
+    out.append(np.float32((np.nan if t % 2 else np.inf) if t in bad else loss))
+  return out
+
+
+@pytest.mark.parametrize("hp", [{}, {"trouble": 0.5, "patience": 3}])
+def test_adaptive_with_loss_matches_reference(hp):
+  ref = _check_against_reference(hp, losses=loss_sequence(4, 300, bad=(3, 150)))
+  rises = np.flatnonzero(ref.rises)  # Indices of finite losses ~ steps.
+  # Both rises are seen within ten steps, and only while they last (plus
+  # the ten steps of the comparison, and a few skipped steps): the noisy
+  # decline never is.
+  during = (rises > 60) & (rises < 110) | (rises > 200) & (rises < 250)
+  assert np.all(during), rises
+  assert np.any((rises > 60) & (rises < 75)), rises
+  assert np.any((rises > 200) & (rises < 215)), rises
+
+
+def _check_against_reference(hp, losses):
   grads, params = training_sequence(2, 300, bad=(0, 5, 100, 101))
   tx = clipkit.adaptive(**hp)
   update = jax.jit(tx.update)
   state = tx.init(params[0])
   ref = AdaptiveReference(params[0], **hp)
   causes = set()
-  for g, p in zip(grads, params):
-    u, state = update(g, state, p)
-    t, cause = ref.step(g, p)
+  for i, (g, p) in enumerate(zip(grads, params)):
+    if losses is None:
+      u, state = update(g, state, p)
+      t, cause = ref.step(g, p)
+    else:
+      u, state = update(g, state, p, loss=losses[i])
+      t, cause = ref.step(g, p, float(losses[i]))
     if t is None:  # A non-finite step passes through unchanged.
       check_clipped_to(g, u, np.inf)
       continue
@@ -427,6 +487,7 @@ def test_adaptive_matches_reference(hp):
       assert float(state.clip_cause) == cause
     causes.add(cause)
   assert len(causes) >= 2  # The sequence exercises the rule.
+  return ref
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
@@ -483,6 +544,64 @@ def test_adaptive_params_must_match_updates():
   g = {"w": jnp.ones(3)}
   with pytest.raises(ValueError, match="`params`"):
     tx.update(g, tx.init(g), {"w": jnp.ones(3), "v": jnp.ones(2)})
+
+
+def _run_with_losses(losses):
+  """adaptive on fixed gradients, without params: the loss is its only cue."""
+  tx = clipkit.adaptive()
+  g = {"w": jnp.ones((4,)), "b": jnp.ones((2, 3))}
+  update = jax.jit(tx.update)
+  state = tx.init(g)
+  trouble, states = [], []
+  for loss in losses:
+    _, state = update(g, state, loss=jnp.float32(loss))
+    trouble.append(float(state.trouble_steps))
+    states.append(state)
+  return np.array(trouble), states
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_adaptive_loss_noise_is_no_trouble_and_a_rise_is(seed):
+  rng = np.random.default_rng(seed)
+  # A flat stretch, a slow decline, then a rise of half the noise per step.
+  level = np.concatenate([np.full(150, 3.0), np.linspace(3.0, 2.0, 150),
+                          2.0 + 0.5 * np.arange(40)])
+  losses = level + rng.standard_normal(level.size)
+  trouble, states = _run_with_losses(losses)
+  assert not np.any(trouble[:300])
+  assert np.any(trouble[300:320])
+  cut = np.argmax(trouble > 0)  # Released until then; now norm / 2.
+  assert states[cut - 1].clip_threshold >= np.sqrt(10) * (1 - 1e-6)
+  np.testing.assert_allclose(states[cut].clip_threshold, np.sqrt(10) / 2,
+                             rtol=1e-6)
+  assert float(states[cut].clip_cause) == 2.0  # "the loss was rising".
+
+
+def test_adaptive_non_finite_loss_changes_nothing():
+  _, states = _run_with_losses([1.0, 2.0, 3.0, np.nan, np.inf, 4.0])
+  np.testing.assert_array_equal(states[3].loss_stats, states[2].loss_stats)
+  np.testing.assert_array_equal(states[4].loss_stats, states[2].loss_stats)
+  assert states[5].loss_stats[0] == 4.0
+
+
+def test_adaptive_loss_must_be_scalar_and_other_extra_args_pass():
+  tx = optax.chain(clipkit.adaptive(), optax.sgd(0.1))
+  g = {"w": jnp.ones(3)}
+  state = tx.init(g)
+  with pytest.raises(ValueError, match="`loss` must be a scalar"):
+    tx.update(g, state, g, loss=jnp.ones(2))
+  tx.update(g, state, g, loss=1.0, other=jnp.ones(2))  # Ignored.
+
+
+def test_adaptive_gets_the_loss_inside_skip_spikes():
+  inner = optax.chain(clipkit.adaptive(), optax.sgd(0.1))
+  tx = clipkit.skip_spikes(inner)
+  g = {"w": jnp.ones(3)}
+  state = tx.init(g)
+  for loss in (1.0, 2.0):
+    _, state = tx.update(g, state, g, loss=jnp.float32(loss))
+  adaptive_state = state.inner_state[0]
+  assert float(adaptive_state.loss_stats[0]) == 2.0
 
 
 def test_adaptive_sharded_params_gather_nothing():
@@ -570,7 +689,8 @@ def test_study_quick_runs(tmp_path):
                          str(out)], capture_output=True, text=True,
                         timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "Goals on all tasks" in proc.stdout
+  assert "Goals of adaptive() on all tasks" in proc.stdout
+  assert "Goals of adaptive() with loss= passed on all tasks" in proc.stdout
   import json
   results = json.loads(out.read_text())
-  assert {"scores", "goals", "losses"} <= set(results)
+  assert {"scores", "goals", "goals_loss", "losses"} <= set(results)
