@@ -236,11 +236,10 @@ def adaptive(
   bias-corrected) of :math:`|L_t - L_{t-1}|`, step :math:`t` is also in
   trouble when :math:`F_t - F_{t-10} > N_t`, from the eleventh loss on: a
   rise sustained over some ten steps, which noise in the minibatch losses
-  does not make, and which ends some ten steps after the loss stops
-  rising. The trapezoid estimate is biased
-  towards "falling" by the step's own minibatch noise (its
-  :math:`a_t` holds :math:`\eta|\xi|^2` for SGD), so it can miss the rises
-  of noise-dominated runs; the observed loss is not biased.
+  does not make, and which ends some ten steps after the loss stops rising.
+  The trapezoid estimate is biased towards "falling" by the step's own
+  minibatch noise (its :math:`a_t` holds :math:`\eta|\xi|^2` for SGD), so
+  it can miss the rises of noise-dominated runs; the observed loss is not.
 
   **Spikes.** With :math:`\ell_t = \mu_{t-1} + z\,\sigma_{t-1}`
   (:math:`z` the `spike_z`; :math:`\infty` on the first step),
@@ -267,8 +266,9 @@ def adaptive(
   - A step whose norm is NaN or inf leaves every statistic, the subset
     buffers included, bit-identical; its updates pass through unchanged.
     A step whose loss estimate is not finite changes no trend statistic.
-  - The loss is optional and changes only when trouble is declared; a loss
-    that is not finite changes nothing. Other extra arguments are ignored.
+  - The loss is optional and can only add trouble (a cut, then a hold),
+    never release the threshold; a loss that is not finite changes nothing.
+    Other extra arguments are ignored.
   - ``tx.update(updates, state)`` without `params` degrades gracefully:
     there is no loss estimate (:math:`T_t = 0`), so the rule is its slow
     start at the full rate :math:`r_t = \log` `slow_start`, then release
@@ -459,8 +459,8 @@ def adaptive(
                                   jnp.where(recovering > 0, OVERSHOOT,
                                             START)))
       new = (log_c, floor, new_mean, new_var, sums, recovering, streak,
-             watch, jnp.minimum(count + 1, 2), prev_p if p_sub is None else p_sub,
-             g_sub)
+             watch, jnp.minimum(count + 1, 2),
+             prev_p if p_sub is None else p_sub, g_sub)
       return threshold, new, cause, trend
 
     stats = (state.log_threshold, state.log_floor, state.norm_mean, state.norm_var,
