@@ -24,6 +24,17 @@ def rows(results, key):
   return [list(r.values()) for r in results[key]]
 
 
+def section(title, text, headers, results, key) -> list[str]:
+  """A ``## title`` section: `text`, then the rows of ``results[key]``.
+
+  Empty where the run has no such rows.
+  """
+  if not results.get(key):
+    return []
+  return ["", f"## {title}", "", text, "", _harness.table(headers,
+                                                         rows(results, key))]
+
+
 def page(results: dict) -> str:
   """The Markdown page for `results`, as `benchmarks/run.py` writes them."""
   out = [
@@ -43,74 +54,45 @@ def page(results: dict) -> str:
       " measured apart from run time.",
   ]
   out += [f"\n{note}" for note in results.get("notes", [])]
-  out += [
-      "",
-      "## Step time",
-      "",
+  out += section(
+      "Step time",
       "`chain(clipper, optimizer)` against `chain(optax equivalent,"
       " optimizer)` and the optimizer alone, with gradients scaled so that"
       " clipping is active. optax has no per-leaf norm clipper:"
       " `clip_by_block_rms` does the same work. `value` is `value(1.0)`"
       " (the default, no count); `value_counted` is"
       " `value(1.0, count_clipped=True)`.",
-      "",
-      _harness.table(
-          ["tree", "dtype", "M params", "step", "clipkit ms", "clipkit/optax",
-           "clipkit/optimizer", "optax/optimizer"], rows(results, "step")),
-      "",
-      "## Overhead of the stateful strategies and `per_module`",
-      "",
+      ["tree", "dtype", "M params", "step", "clipkit ms", "clipkit/optax",
+       "clipkit/optimizer", "optax/optimizer"], results, "step")
+  out += section(
+      "Overhead of the stateful strategies and `per_module`",
       "Time of a step over that of `global_norm`, on the transformer tree in"
       " float32; `per_module` applies a `global_norm` per transformer layer.",
-      "",
-      _harness.table(["strategy", "optimizer", "time / global_norm"],
-                     rows(results, "stateful")),
-      "",
-  ]
-  if results.get("bandwidth"):
-    out += [
-        "",
-        "## Global-norm pass: achieved read bandwidth",
-        "",
-        "Bytes of the tree read over the time of the norm alone (best of 20),"
-        " against optax's global norm, a plain sum over one buffer of the same"
-        " bytes (what the memory system gives a reduction), and the device's"
-        " peak where known (a data-sheet figure for GPUs and TPUs;"
-        " none for CPUs).",
-        "",
-        _harness.table(
-            ["device", "tree", "dtype", "MB read", "clipkit GB/s",
-             "optax GB/s", "plain sum GB/s", "peak GB/s", "clipkit/peak"],
-            rows(results, "bandwidth")),
-    ]
-  if results.get("guard"):
-    out += [
-        "",
-        "## Training guard and monitor",
-        "",
-        "A step of `skip_spikes` or `monitor` over the step it wraps, on the"
-        " transformer tree in float32.",
-        "",
-        _harness.table(["step", "M params", "ms", "over", "ratio"],
-                       rows(results, "guard")),
-    ]
-  out += [
-      "",
-      "## Compile time",
-      "",
+      ["strategy", "optimizer", "time / global_norm"], results, "stateful")
+  out += section(
+      "Global-norm pass: achieved read bandwidth",
+      "Bytes of the tree read over the time of the norm alone (best of 20),"
+      " against optax's global norm, a plain sum over one buffer of the same"
+      " bytes (what the memory system gives a reduction), and the device's"
+      " peak where known (a data-sheet figure for GPUs and TPUs;"
+      " none for CPUs).",
+      ["device", "tree", "dtype", "MB read", "clipkit GB/s", "optax GB/s",
+       "plain sum GB/s", "peak GB/s", "clipkit/peak"], results, "bandwidth")
+  out += section(
+      "Training guard and monitor",
+      "A step of `skip_spikes` or `monitor` over the step it wraps, on the"
+      " transformer tree in float32.",
+      ["step", "M params", "ms", "over", "ratio"], results, "guard")
+  out += section(
+      "Compile time",
       "One step against the number of leaves, on a tree of many distinct"
       " leaf shapes (the worst case for XLA).",
-      "",
-      _harness.table(["leaves", "strategy", "clipkit s", "optax s", "ratio"],
-                     rows(results, "compile")),
-      "",
-      "## Compiled temporary memory",
-      "",
+      ["leaves", "strategy", "clipkit s", "optax s", "ratio"], results,
+      "compile")
+  out += section(
+      "Compiled temporary memory",
       "The transformer tree in float32, alone and chained with adamw.",
-      "",
-      _harness.table(["strategy", "with", "clipkit MiB", "optax MiB"],
-                     rows(results, "memory")),
-  ]
+      ["strategy", "with", "clipkit MiB", "optax MiB"], results, "memory")
   if results.get("torch"):
     out += ["", "## torch reference", "",
             _harness.table(list(results["torch"]),
