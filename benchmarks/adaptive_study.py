@@ -1,4 +1,7 @@
-"""`adaptive()` against no clipping, fixed thresholds, AutoClip and ZClip.
+"""`adaptive()`, with and without the loss, against the alternatives.
+
+The alternatives: no clipping, fixed thresholds, AutoClip and ZClip; the
+``adaptive(), loss=`` arm passes the minibatch loss, ``loss=loss``.
 
 Each (task, optimizer) cell is trained with every strategy, 10 seeds vmapped
 inside one jitted `lax.scan` (the fixed-threshold grid vmapped too). Scores
