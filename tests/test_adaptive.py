@@ -604,6 +604,23 @@ def test_adaptive_gets_the_loss_inside_skip_spikes():
   assert float(adaptive_state.loss_stats[0]) == 2.0
 
 
+def test_adaptive_gets_the_loss_through_multisteps_and_inject_hyperparams():
+  p = {"w": jnp.ones(3)}
+  # MultiSteps runs the inner update on every second call, with that call's
+  # loss: the losses 1 and 3 reach adaptive.
+  tx = optax.MultiSteps(optax.chain(clipkit.adaptive(), optax.sgd(0.1)), 2)
+  state = tx.init(p)
+  with jax.numpy_dtype_promotion("standard"):  # MultiSteps' own arithmetic.
+    for loss in range(4):
+      _, state = tx.update(p, state, p, loss=jnp.float32(loss))
+  watch = state.inner_opt_state[0].loss_stats
+  assert float(watch[0]) == 3.0 and float(watch[3]) == 2.0  # Last, count.
+  tx = optax.chain(optax.inject_hyperparams(clipkit.adaptive)(start=0.05),
+                   optax.sgd(0.1))
+  _, state = tx.update(p, tx.init(p), p, loss=jnp.float32(5.0))
+  assert float(state[0].inner_state.loss_stats[0]) == 5.0
+
+
 def test_adaptive_sharded_params_gather_nothing():
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
   mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
