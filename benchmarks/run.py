@@ -29,7 +29,6 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -189,12 +188,9 @@ def compile_times(quick):
   for n in ((10,) if quick else (10, 100, 1000, 2000)):
     tree = _harness.make_tree(n, 100 * n, seed=3)
     for cname, (ours, theirs) in list(CLIPPERS.items())[:1 if n > 1000 else 4]:
-      # Interleaved, median of three: one compile alone moves by 30%.
-      times = {"a": [], "b": []}
-      for _ in range(1 if quick else 3):
-        times["a"].append(_harness.compile_seconds(ours(), tree))
-        times["b"].append(_harness.compile_seconds(theirs(), tree))
-      a, b = (statistics.median(times[k]) for k in "ab")
+      secs = _harness.interleaved_compile_seconds(
+          {"ours": ours(), "theirs": theirs()}, tree, 1 if quick else 3)
+      a, b = secs["ours"], secs["theirs"]
       rows.append({"leaves": n, "strategy": cname, "clipkit_s": a,
                    "optax_s": b, "ratio": a / b})
       print(f"  compile {n} {cname}", file=sys.stderr, flush=True)
