@@ -110,6 +110,7 @@ def interleaved_times(
     out = step(grads, state, params)  # Compile and warm up.
     jax.block_until_ready(out)
     compiled[name] = (step, state)
+  inner = max(inner, steps_per_round(compiled, grads, params))
   names = list(compiled)
   times: dict[str, list[float]] = {n: [] for n in names}
   for r in range(rounds):
@@ -122,6 +123,19 @@ def interleaved_times(
       jax.block_until_ready(out)
       times[name].append((time.perf_counter() - t0) / inner)
   return times
+
+
+def steps_per_round(compiled, grads, params, seconds: float = 0.01) -> int:
+  """How many steps make a round of at least `seconds` (at most 1000).
+
+  On a GPU a 16M-parameter step takes some 0.1 ms, near the host's dispatch
+  time: queuing enough steps before waiting makes a round time the device,
+  not the host. On a CPU a step is long and this is 1.
+  """
+  step, state = next(iter(compiled.values()))
+  t0 = time.perf_counter()
+  jax.block_until_ready(step(grads, state, params))
+  return int(min(1000, np.ceil(seconds / max(time.perf_counter() - t0, 1e-6))))
 
 
 def median_ratio(times: Mapping[str, list[float]], a: str, b: str) -> float:
