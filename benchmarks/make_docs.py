@@ -1,7 +1,9 @@
-"""Writes docs/benchmarks.md from benchmarks/results.json.
+"""Writes docs/benchmarks.md from benchmarks/results.json (and _gpu.json).
 
 Run: ``python benchmarks/make_docs.py`` after ``python benchmarks/run.py
 --json benchmarks/results.json``; ``--check`` exits 1 if the page is stale.
+``benchmarks/results_gpu.json``, where present, is the ``gpu.json`` that
+``benchmarks/gpu.sh`` writes, and becomes the page's "GPU" part.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import exploding  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results.json")
+GPU_RESULTS = os.path.join(ROOT, "benchmarks", "results_gpu.json")
 PAGE = os.path.join(ROOT, "docs", "benchmarks.md")
 
 
@@ -24,19 +27,67 @@ def rows(results, key):
   return [list(r.values()) for r in results[key]]
 
 
-def section(title, text, headers, results, key) -> list[str]:
+def section(title, text, headers, results, key, level="##") -> list[str]:
   """A ``## title`` section: `text`, then the rows of ``results[key]``.
 
   Empty where the run has no such rows.
   """
   if not results.get(key):
     return []
-  return ["", f"## {title}", "", text, "", _harness.table(headers,
-                                                         rows(results, key))]
+  return ["", f"{level} {title}", "", text, "", _harness.table(
+      headers, rows(results, key))]
 
 
-def page(results: dict) -> str:
-  """The Markdown page for `results`, as `benchmarks/run.py` writes them."""
+def tables(results: dict, level: str = "##") -> list[str]:
+  """The sections of the tables that `benchmarks/run.py` writes."""
+  out = section(
+      "Step time",
+      "`chain(clipper, optimizer)` against `chain(optax equivalent,"
+      " optimizer)` and the optimizer alone, with gradients scaled so that"
+      " clipping is active. optax has no per-leaf norm clipper:"
+      " `clip_by_block_rms` does the same work. `value` is `value(1.0)`"
+      " (the default, no count); `value_counted` is"
+      " `value(1.0, count_clipped=True)`.",
+      ["tree", "dtype", "M params", "step", "clipkit ms", "clipkit/optax",
+       "clipkit/optimizer", "optax/optimizer"], results, "step", level)
+  out += section(
+      "Overhead of the stateful strategies and `per_module`",
+      "Time of a step over that of `global_norm`, on the transformer tree in"
+      " float32; `per_module` applies a `global_norm` per transformer layer.",
+      ["strategy", "optimizer", "time / global_norm"], results, "stateful",
+      level)
+  out += section(
+      "Global-norm pass: achieved read bandwidth",
+      "Bytes of the tree read over the time of the norm alone (the best of"
+      " 20 rounds of back-to-back calls, each round at least 10 ms),"
+      " against optax's global norm, a plain sum over one buffer of the same"
+      " bytes (what the memory system gives a reduction), and the device's"
+      " peak where known (a data-sheet figure for GPUs and TPUs;"
+      " none for CPUs).",
+      ["device", "tree", "dtype", "MB read", "clipkit GB/s", "optax GB/s",
+       "plain sum GB/s", "peak GB/s", "clipkit/peak"], results, "bandwidth",
+      level)
+  out += section(
+      "Training guard and monitor",
+      "A step of `skip_spikes` or `monitor` over the step it wraps, on the"
+      " transformer tree in float32.",
+      ["step", "M params", "ms", "over", "ratio"], results, "guard", level)
+  out += section(
+      "Compile time",
+      "One step against the number of leaves, on a tree of many distinct"
+      " leaf shapes (the worst case for XLA).",
+      ["leaves", "strategy", "clipkit s", "optax s", "ratio"], results,
+      "compile", level)
+  out += section(
+      "Compiled temporary memory",
+      "The transformer tree in float32, alone and chained with adamw.",
+      ["strategy", "with", "clipkit MiB", "optax MiB"], results, "memory",
+      level)
+  return out
+
+
+def page(results: dict, gpu: dict | None = None) -> str:
+  """The Markdown page for `results` (and `gpu`), as the scripts write them."""
   out = [
       "# Benchmarks",
       "",
@@ -54,45 +105,7 @@ def page(results: dict) -> str:
       " measured apart from run time.",
   ]
   out += [f"\n{note}" for note in results.get("notes", [])]
-  out += section(
-      "Step time",
-      "`chain(clipper, optimizer)` against `chain(optax equivalent,"
-      " optimizer)` and the optimizer alone, with gradients scaled so that"
-      " clipping is active. optax has no per-leaf norm clipper:"
-      " `clip_by_block_rms` does the same work. `value` is `value(1.0)`"
-      " (the default, no count); `value_counted` is"
-      " `value(1.0, count_clipped=True)`.",
-      ["tree", "dtype", "M params", "step", "clipkit ms", "clipkit/optax",
-       "clipkit/optimizer", "optax/optimizer"], results, "step")
-  out += section(
-      "Overhead of the stateful strategies and `per_module`",
-      "Time of a step over that of `global_norm`, on the transformer tree in"
-      " float32; `per_module` applies a `global_norm` per transformer layer.",
-      ["strategy", "optimizer", "time / global_norm"], results, "stateful")
-  out += section(
-      "Global-norm pass: achieved read bandwidth",
-      "Bytes of the tree read over the time of the norm alone (best of 20),"
-      " against optax's global norm, a plain sum over one buffer of the same"
-      " bytes (what the memory system gives a reduction), and the device's"
-      " peak where known (a data-sheet figure for GPUs and TPUs;"
-      " none for CPUs).",
-      ["device", "tree", "dtype", "MB read", "clipkit GB/s", "optax GB/s",
-       "plain sum GB/s", "peak GB/s", "clipkit/peak"], results, "bandwidth")
-  out += section(
-      "Training guard and monitor",
-      "A step of `skip_spikes` or `monitor` over the step it wraps, on the"
-      " transformer tree in float32.",
-      ["step", "M params", "ms", "over", "ratio"], results, "guard")
-  out += section(
-      "Compile time",
-      "One step against the number of leaves, on a tree of many distinct"
-      " leaf shapes (the worst case for XLA).",
-      ["leaves", "strategy", "clipkit s", "optax s", "ratio"], results,
-      "compile")
-  out += section(
-      "Compiled temporary memory",
-      "The transformer tree in float32, alone and chained with adamw.",
-      ["strategy", "with", "clipkit MiB", "optax MiB"], results, "memory")
+  out += tables(results)
   if results.get("torch"):
     out += ["", "## torch reference", "",
             _harness.table(list(results["torch"]),
@@ -112,6 +125,15 @@ def page(results: dict) -> str:
         "",
         exploding.table(results["exploding"]),
     ]
+  if gpu:
+    out += ["", "## GPU", "",
+            f"Machine: {gpu['machine']}. Date: {gpu.get('date', 'unknown')}."
+            " Reproduce with `OUT=folder bash benchmarks/gpu.sh`, then copy"
+            " `folder/gpu.json` to `benchmarks/results_gpu.json`. Rounds"
+            " queue enough steps to last 10 ms before waiting, so that they"
+            " time the device rather than the host's dispatch."]
+    out += [f"\n{note}" for note in gpu.get("notes", [])]
+    out += tables(gpu, "###")
   return "\n".join(out) + "\n"
 
 
@@ -121,7 +143,12 @@ def main():
                       help="exit 1 if docs/benchmarks.md is not up to date")
   args = parser.parse_args()
   with open(RESULTS) as f:
-    text = page(json.load(f))
+    results = json.load(f)
+  gpu = None
+  if os.path.exists(GPU_RESULTS):
+    with open(GPU_RESULTS) as f:
+      gpu = json.load(f)
+  text = page(results, gpu)
   if args.check:
     with open(PAGE) as f:
       sys.exit(0 if f.read() == text else 1)
