@@ -53,13 +53,15 @@ def mse(params, x, y):
 def train(clip, x, y, epochs=100, batch=32, seed=0):
   """SGD with momentum after `clip` (or none); returns (params, opt state)."""
   sgd = optax.sgd(0.01, momentum=0.9)
-  tx = sgd if clip is None else optax.chain(clip, sgd)
+  tx = optax.chain(sgd) if clip is None else optax.chain(clip, sgd)
   steps_per_epoch = len(x) // batch
 
   def step(carry, idx):
     params, state = carry
-    grads = jax.grad(mse)(params, x[idx], y[idx])
-    updates, state = tx.update(grads, state, params)
+    loss, grads = jax.value_and_grad(mse)(params, x[idx], y[idx])
+    # params: adaptive() estimates the loss change from the step taken;
+    # loss: adaptive() and skip_spikes read it, the others ignore it.
+    updates, state = tx.update(grads, state, params, loss=loss)
     return (optax.apply_updates(params, updates), state), None
 
   @jax.jit
