@@ -68,6 +68,10 @@ def optimizer(task, name):
 PASS_LOSS = ("adaptive(), loss=",)
 
 
+# The first seed; `--first-seed` moves it to check a result on fresh seeds.
+FIRST_SEED = 0
+
+
 def train(task, opt_name, make_clip, hparams, seeds, trace=False,
           pass_loss=False):
   """Final losses [len(hparams), seeds] (inf where diverged), and traces.
@@ -102,7 +106,7 @@ def train(task, opt_name, make_clip, hparams, seeds, trace=False,
 
   n_h = jax.tree.leaves(hparams)[0].shape[0]
   hs = jax.tree.map(lambda x: jnp.repeat(x, seeds, axis=0), hparams)
-  ss = jnp.tile(jnp.arange(seeds), n_h)
+  ss = jnp.tile(jnp.arange(seeds) + FIRST_SEED, n_h)
   final, tr = jax.jit(jax.vmap(one))(hs, ss)
   final = np.asarray(final, np.float64).reshape(n_h, seeds)
   final = np.where(np.isfinite(final), final, np.inf)
@@ -266,7 +270,11 @@ def main():
   parser.add_argument("--json", default=None,
                       help=f"where to write the results (default {RESULTS};"
                       " --quick writes nothing unless given)")
+  parser.add_argument("--first-seed", type=int, default=0,
+                      help="seeds are first-seed, first-seed + 1, ...")
   args = parser.parse_args()
+  global FIRST_SEED
+  FIRST_SEED = args.first_seed
   steps, seeds = (60, 2) if args.quick else (400, 10)
   t0 = time.perf_counter()
   with jax.numpy_dtype_promotion("standard"):
@@ -291,6 +299,7 @@ def main():
   if path:
     with open(path, "w") as f:
       json.dump({"machine": machine(), "steps": steps, "seeds": seeds,
+                 "first_seed": FIRST_SEED,
                  "scores": scores, "healthy_unclipped_fraction": fractions,
                  "traces": traces,
                  "goals": {s: {k: [bool(ok), why] for k, (ok, why) in gs.items()}
