@@ -10,10 +10,7 @@ Whether the last step raised the loss is estimated without the loss, from
 the step taken, :math:`d_t = \\theta_t - \\theta_{t-1}`, and the gradients at
 both ends, by the trapezoid rule
 :math:`\\Delta L_t \\approx \\tfrac12 (g_{t-1} + g_t) \\cdot d_t` (exact on a
-quadratic), less the minibatch noise that the step's own gradient puts into
-it (estimated from a fit of the step to the last step and gradient, and from
-two independent minibatch gradients). The dot products run over a fixed
-strided subset of coordinates
+quadratic). The dot products run over a fixed strided subset of coordinates
 of every leaf (at most `coordinates` in all), weighted by each leaf's size
 over its share, so the estimate is global, cheap, and needs no copy of the
 parameters. The kept coordinates are packed into one vector, so that the dot
@@ -22,8 +19,9 @@ kernel launch. Under GSPMD sharding only that vector (about 1 KB) is
 gathered, never a leaf.
 
 Where the loss is passed (``tx.update(g, state, params, loss=loss)``), a
-sustained rise of the observed loss is trouble too: a second, independent
-reading of the same question.
+sustained rise of the observed loss is trouble too: the trapezoid estimate is
+biased towards "falling" by the step's own minibatch noise, and misses rises
+in noise-dominated runs.
 
 Limits: without `params` (``tx.update(g, state)``) there is no loss
 estimate, and the rule is its slow start followed by spike clipping alone.
@@ -81,10 +79,6 @@ class AdaptiveState(NamedTuple):
     prev_params: The parameters' subset coordinates at the last finite step,
       one float32 vector of about `coordinates` entries.
     prev_grads: The gradients' subset coordinates at the last finite step.
-    prev_step: The subset coordinates of the step before that one,
-      :math:`d_{t-1}`.
-    step_dots: :math:`\\langle g_{t-1}, d_{t-1}\\rangle_S` and
-      :math:`\\langle g_{t-1}, g_{t-2}\\rangle_S` from the last finite step.
   """
 
   grad_norm: jax.Array
@@ -103,8 +97,6 @@ class AdaptiveState(NamedTuple):
   norm_count: jax.Array
   prev_params: jax.Array
   prev_grads: jax.Array
-  prev_step: jax.Array
-  step_dots: jax.Array
 
 
 _metrics.register_state(
@@ -165,27 +157,6 @@ def _subset(leaves, coordinates: int) -> _Subset:
                  else np.zeros((0,), np.float32))
 
 
-def _self_noise(a, d, prev_d, prev_g, step_dots, valid, dot):
-  r"""The minibatch noise that `a` holds through the step's own gradient.
-
-  Fits :math:`d_t \approx \beta d_{t-1} - \eta g_{t-1}` by least squares
-  over the subset (exact for SGD with momentum, whatever the clipping; for a
-  diagonal preconditioner :math:`P`, :math:`\eta |g|^2 = g^\top P g`), and
-  returns :math:`\eta (|g_{t-1}|^2 - \max(\langle g_{t-1},
-  g_{t-2}\rangle, 0))`: the product of two independent minibatch gradients
-  estimates :math:`|\nabla L|^2` without the noise's :math:`|\xi|^2`. Zero
-  where the fit is ill-posed (fewer than two earlier steps, or
-  :math:`d_{t-1}` and :math:`g_{t-1}` nearly parallel) or not finite.
-  """
-  b1, gg1 = step_dots[0], step_dots[1]
-  d1d1, g1g1, dd1 = dot(prev_d, prev_d), dot(prev_g, prev_g), dot(d, prev_d)
-  det = d1d1 * g1g1 - b1 * b1
-  ok = valid & (det > 1e-3 * d1d1 * g1g1) & (d1d1 > 0)
-  eta = (d1d1 * a + b1 * dd1) / jnp.where(ok, det, 1.0)
-  noise = jnp.maximum(eta, 0.0) * (g1g1 - jnp.maximum(gg1, 0.0))
-  return jnp.where(ok & jnp.isfinite(noise), noise, 0.0)
-
-
 def _watch(loss: jax.Array, watch: jax.Array):
   """Whether the loss is in a sustained rise, and the updated watch.
 
@@ -219,8 +190,8 @@ def adaptive(
     slow_start: jax.typing.ArrayLike = 1.1,
     recovery: jax.typing.ArrayLike = 1.02,
     cut: jax.typing.ArrayLike = 0.5,
-    trouble: jax.typing.ArrayLike = 0.3,
-    trend_decay: jax.typing.ArrayLike = 0.9,
+    trouble: jax.typing.ArrayLike = 0.0,
+    trend_decay: jax.typing.ArrayLike = 0.8,
     patience: jax.typing.ArrayLike = 10,
     release: jax.typing.ArrayLike = 4.0,
     spike_z: jax.typing.ArrayLike = 3.0,
@@ -245,11 +216,8 @@ def adaptive(
   taken (whatever the optimizer) and :math:`g_t` the incoming updates,
 
   .. math::
-    a_t = -\langle g_{t-1}, d_t\rangle_S - \hat\eta_t \bigl(
-          |g_{t-1}|_S^2 - \max(\langle g_{t-1}, g_{t-2}\rangle_S, 0)\bigr),
-    \quad b_t = \langle g_t, d_t\rangle_S,
-
-  .. math::
+    a_t = -\langle g_{t-1}, d_t\rangle_S, \quad
+    b_t = \langle g_t, d_t\rangle_S, \quad
     \Delta L_t \approx \tfrac12 (b_t - a_t), \quad
     T_t = \frac{\operatorname{EMA}_\beta(b - a)}
                {\operatorname{EMA}_\beta(|a| + |b|)} \in [-1, 1],
@@ -259,27 +227,12 @@ def adaptive(
   leaf's share proportional to its size), weighted by the leaf's size over
   its share; :math:`\beta` is `trend_decay`. :math:`T_t < 0` while the loss
   falls; the loss rises at step :math:`t` when :math:`b_t > a_t`.
-  :math:`a_t` is the trapezoid rule's first-order decrease,
-  :math:`-\langle g_{t-1}, d_t\rangle`, less the minibatch noise it holds:
-  the step was taken along its own noisy gradient, so the plain product
-  reads an extra :math:`\eta |\xi|^2` of decrease (SGD's learning rate
-  :math:`\eta`), enough to read a noise-dominated run whose loss climbs as
-  falling. :math:`\hat\eta_t` is the least-squares fit of
-  :math:`d_t \approx \beta' d_{t-1} - \eta g_{t-1}` over the subset (exact
-  for SGD with momentum; clipped to :math:`\ge 0`; 0 while fewer than two
-  steps are known or the fit is ill-posed), and
-  :math:`\langle g_{t-1}, g_{t-2}\rangle`, a product of two independent
-  minibatch gradients, estimates :math:`|\nabla L|^2` without the noise.
-  Unbiased, the estimate reads about 0 on a noisy plateau, hence a
-  `trouble` level above 0.
 
   **Controller.** On the first finite step
   :math:`\log c_1 = \log n_1 + \log s` (:math:`s` the `start`). Afterwards,
   step :math:`t` is in *trouble* when :math:`T_t > \tau` (`trouble`) and
-  :math:`b_t > a_t`, or, while released (:math:`\log c_{t-1} \ge
-  \mu_{t-1} + \log R`), when :math:`T_t > (1 + \tau)/2`: a run that was
-  let go asks for a clearer rise. With :math:`k_t` the number of consecutive
-  steps in trouble and :math:`\mu_{t-1}` the mean log norm below,
+  :math:`b_t > a_t`; with :math:`k_t` the number of consecutive steps in
+  trouble and :math:`\mu_{t-1}` the mean log norm below,
 
   .. math::
     \log c_t = \begin{cases}
@@ -306,6 +259,9 @@ def adaptive(
   trouble when :math:`F_t - F_{t-10} > N_t`, from the eleventh loss on: a
   rise sustained over some ten steps, which noise in the minibatch losses
   does not make, and which ends some ten steps after the loss stops rising.
+  The trapezoid estimate is biased towards "falling" by the step's own
+  minibatch noise (its :math:`a_t` holds :math:`\eta|\xi|^2` for SGD), so
+  it can miss the rises of noise-dominated runs; the observed loss is not.
 
   **Spikes.** With :math:`\ell_t = \mu_{t-1} + z\,\sigma_{t-1}`
   (:math:`z` the `spike_z`; :math:`\infty` on the first step),
@@ -434,8 +390,6 @@ def adaptive(
         norm_count=jnp.zeros((), jnp.int32),
         prev_params=zeros,
         prev_grads=zeros,
-        prev_step=zeros,
-        step_dots=jnp.zeros((2,), jnp.float32),
     )
 
   def update_fn(updates, state, params=None, *, loss=None, **extra_args):
@@ -463,21 +417,17 @@ def adaptive(
 
     def rule(norm, stats):
       (log_c, floor, mean, var, sums, recovering, streak, watch, count,
-       prev_p, prev_g, prev_d, step_dots) = stats
+       prev_p, prev_g) = stats
       log_n = jnp.log(jnp.maximum(norm, jnp.finfo(jnp.float32).tiny))
       first = count == 0
       # The estimated change of the loss over the last step, and its trend.
       if p_sub is None:
         seen = jnp.zeros((), bool)
         a = b = jnp.zeros((), jnp.float32)
-        d, new_dots = prev_d, step_dots
       else:
         d = p_sub - prev_p
         a = -dot(prev_g, d)  # The first-order decrease the step promised.
         b = dot(g_sub, d)  # The slope along the step where it ended.
-        gg = dot(g_sub, prev_g)
-        new_dots = jnp.stack([b, gg])
-        a = a - _self_noise(a, d, prev_d, prev_g, step_dots, count >= 2, dot)
         seen = (count > 0) & jnp.isfinite(a) & jnp.isfinite(b)
         a, b = jnp.where(seen, a, 0.0), jnp.where(seen, b, 0.0)
       beta = f(trend_decay)
@@ -487,10 +437,7 @@ def adaptive(
       positive = sums[1] > 0
       trend = jnp.where(positive,
                         sums[0] / jnp.where(positive, sums[1], 1.0), 0.0)
-      # Once released, a rise must be clearer to re-engage: halfway to 1.
-      was_released = (count > 0) & (log_c >= mean + jnp.log(f(release)))
-      level = jnp.where(was_released, (1 + f(trouble)) / 2, f(trouble))
-      hurt = seen & (trend > level) & (rise > 0)
+      hurt = seen & (trend > f(trouble)) & (rise > 0)
       if loss is not None:
         rising, watch = _watch(f(loss), watch)
         hurt |= rising
@@ -529,14 +476,13 @@ def adaptive(
                                             START)))
       new = (log_c, floor, new_mean, new_var, sums, recovering, streak,
              watch, jnp.minimum(count + 1, 2),
-             prev_p if p_sub is None else p_sub, g_sub, d, new_dots)
+             prev_p if p_sub is None else p_sub, g_sub)
       return threshold, new, cause, trend
 
     stats = (state.log_threshold, state.log_floor, state.norm_mean, state.norm_var,
              state.trend_sums, state.recovering, state.trouble_steps,
              state.loss_stats, state.norm_count,
-             state.prev_params, state.prev_grads, state.prev_step,
-             state.step_dots)
+             state.prev_params, state.prev_grads)
     norm = _numerics.global_norm(leaves, axis_name)
     value = f(norm.value)
     ok = jnp.isfinite(value)

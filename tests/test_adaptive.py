@@ -150,7 +150,7 @@ STATS = {  # strategy -> its state fields that are statistics, not metrics
     "adaptive": (clipkit.adaptive,
                  ("log_threshold", "norm_mean", "norm_var", "trend_sums",
                   "recovering", "trouble_steps", "norm_count", "prev_params",
-                  "prev_grads", "prev_step", "step_dots")),
+                  "prev_grads")),
     "autoclip": (clipkit.autoclip, ("norm_history", "norm_count")),
     "zclip": (lambda: clipkit.zclip(warmup=2),
               ("norm_mean", "norm_var", "warmup_norms", "warmup_count")),
@@ -283,7 +283,7 @@ class AdaptiveReference:
   """`adaptive`'s rule in numpy (float64), step by step from its docstring."""
 
   def __init__(self, params, start=0.02, slow_start=1.1, recovery=1.02,
-               cut=0.5, trouble=0.3, trend_decay=0.9, patience=10,
+               cut=0.5, trouble=0.0, trend_decay=0.8, patience=10,
                release=4.0, spike_z=3.0, spike_decay=0.95, coordinates=256):
     self.hp = dict(start=start, slow_start=slow_start, recovery=recovery,
                    cut=cut, trouble=trouble, trend_decay=trend_decay,
@@ -309,8 +309,7 @@ class AdaptiveReference:
     self.sums = np.zeros(2)
     self.recovering = False
     self.streak = 0
-    self.prev_p = self.prev_g = self.prev_d = None
-    self.b1 = self.gg1 = 0.0  # <g_{t-1}, d_{t-1}> and <g_{t-1}, g_{t-2}>.
+    self.prev_p = self.prev_g = None
     # The loss watch: last loss, fast and slow levels, |change| EMA, weight.
     self.last_loss, self.fast, self.levels = np.nan, 0.0, []
     self.change, self.change_weight = 0.0, 0.0
@@ -355,23 +354,11 @@ class AdaptiveReference:
     if not first:
       d = [x - y for x, y in zip(p, self.prev_p)]
       a, b = -self.dot(self.prev_g, d), self.dot(g, d)
-      gg = self.dot(g, self.prev_g)
-      if self.count >= 2:  # Less the noise of the step's own gradient.
-        d1d1, g1g1 = self.dot(self.prev_d, self.prev_d), self.dot(
-            self.prev_g, self.prev_g)
-        det = d1d1 * g1g1 - self.b1 ** 2
-        if d1d1 > 0 and det > 1e-3 * d1d1 * g1g1:
-          # Least squares: d = beta * prev_d - eta * prev_g.
-          eta = (d1d1 * a + self.b1 * self.dot(d, self.prev_d)) / det
-          a -= max(eta, 0.0) * (g1g1 - max(self.gg1, 0.0))
-      self.prev_d, self.b1, self.gg1 = d, b, gg
       self.sums = (h["trend_decay"] * self.sums
                    + (1 - h["trend_decay"]) * np.array([b - a, abs(a) + abs(b)]))
     trend = self.sums[0] / self.sums[1] if self.sums[1] > 0 else 0.0
     if not first:
-      released = self.log_c >= self.mean + np.log(h["release"])
-      level = (1 + h["trouble"]) / 2 if released else h["trouble"]
-      hurt = trend > level and b - a > 0
+      hurt = trend > h["trouble"] and b - a > 0
     if loss is not None:
       hurt = self.loss_rising(loss) or hurt
     self.streak = self.streak + 1 if hurt else 0
@@ -633,25 +620,6 @@ def test_adaptive_gets_the_loss_through_multisteps_and_inject_hyperparams():
                    optax.sgd(0.1))
   _, state = tx.update(p, tx.init(p), p, loss=jnp.float32(5.0))
   assert float(state[0].inner_state.loss_stats[0]) == 5.0
-
-
-@pytest.mark.parametrize("seed", [0, 1])
-def test_adaptive_loss_estimate_reads_a_noisy_plateau_as_flat(seed):
-  # SGD with momentum on a quadratic whose gradients are mostly noise: the
-  # loss is flat in the long run. The step's own noise would read as a
-  # decrease (trend near -0.75); less that noise, the trend averages ~0.
-  tx = optax.chain(clipkit.adaptive(), optax.sgd(0.05, momentum=0.9))
-
-  def step(carry, key):
-    p, s = carry
-    g = jax.tree.map(lambda x: x + 3.0 * jax.random.normal(key, x.shape), p)
-    u, s = tx.update(g, s, p)
-    return (optax.apply_updates(p, u), s), s[0].loss_trend
-
-  p = {"w": jnp.ones((64, 8)), "b": jnp.ones(8)}
-  keys = jax.random.split(jax.random.PRNGKey(seed), 600)
-  _, trend = jax.lax.scan(step, (p, tx.init(p)), keys)
-  assert abs(float(jnp.mean(trend[300:]))) < 0.25
 
 
 def test_adaptive_sharded_params_gather_nothing():
