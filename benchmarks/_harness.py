@@ -110,7 +110,8 @@ def interleaved_times(
     out = step(grads, state, params)  # Compile and warm up.
     jax.block_until_ready(out)
     compiled[name] = (step, state)
-  inner = max(inner, steps_per_round(compiled, grads, params))
+  step, state = next(iter(compiled.values()))
+  inner = max(inner, calls_per_round(lambda: step(grads, state, params)))
   names = list(compiled)
   times: dict[str, list[float]] = {n: [] for n in names}
   for r in range(rounds):
@@ -125,16 +126,15 @@ def interleaved_times(
   return times
 
 
-def steps_per_round(compiled, grads, params, seconds: float = 0.01) -> int:
-  """How many steps make a round of at least `seconds` (at most 1000).
+def calls_per_round(call, seconds: float = 0.01) -> int:
+  """How many back-to-back `call()`s make a round of `seconds` (1 to 1000).
 
   On a GPU a 16M-parameter step takes some 0.1 ms, near the host's dispatch
-  time: queuing enough steps before waiting makes a round time the device,
+  time: queuing enough calls before waiting makes a round time the device,
   not the host. On a CPU a step is long and this is 1.
   """
-  step, state = next(iter(compiled.values()))
   t0 = time.perf_counter()
-  jax.block_until_ready(step(grads, state, params))
+  jax.block_until_ready(call())
   return int(min(1000, np.ceil(seconds / max(time.perf_counter() - t0, 1e-6))))
 
 

@@ -213,10 +213,7 @@ def peak_gbps(kind: str):
 def _best_seconds(f, *args, rounds=20):
   """The best per-call time over `rounds` rounds of back-to-back calls."""
   jax.block_until_ready(f(*args))
-  t0 = time.perf_counter()
-  jax.block_until_ready(f(*args))
-  # Enough calls per round to hide the host's dispatch on an accelerator.
-  inner = int(min(1000, np.ceil(0.01 / max(time.perf_counter() - t0, 1e-6))))
+  inner = _harness.calls_per_round(lambda: f(*args))
   times = []
   for _ in range(rounds):
     t0 = time.perf_counter()
@@ -341,15 +338,15 @@ def main():
   parser.add_argument("--quick", action="store_true",
                       help="small trees, one round, a subset: a smoke run")
   parser.add_argument("--json", help="write the results to this file")
+  every = [*SECTIONS, "torch", "exploding"]
   parser.add_argument(
       "--only", default=None,
-      help="comma-separated sections to run, of: "
-      + ", ".join([*SECTIONS, "torch", "exploding"]) + " (default: all)")
+      help=f"comma-separated sections to run, of: {', '.join(every)}"
+      " (default: all)")
   args = parser.parse_args()
   q = args.quick
-  only = (set(args.only.split(",")) if args.only
-          else {*SECTIONS, "torch", "exploding"})
-  unknown = only - {*SECTIONS, "torch", "exploding"}
+  only = set(args.only.split(",")) if args.only else set(every)
+  unknown = only - set(every)
   if unknown:
     parser.error(f"--only: unknown sections {sorted(unknown)}")
   results = {"machine": _harness.machine(),
