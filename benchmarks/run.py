@@ -377,7 +377,7 @@ def main():
   if "exploding" in only and not q:
     import exploding  # pylint: disable=g-import-not-at-top
     with jax.numpy_dtype_promotion("standard"):
-      results["exploding"] = rows = exploding.study(seeds=3, steps=2000)
+      results["exploding"] = rows = exploding.study(seeds=exploding.SEEDS, steps=2000)
     print("\n## Exploding-gradient tasks (final loss / best fixed threshold)\n")
     print(exploding.table(rows))
     save()
