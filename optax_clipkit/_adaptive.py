@@ -10,7 +10,10 @@ Whether the last step raised the loss is estimated without the loss, from
 the step taken, :math:`d_t = \\theta_t - \\theta_{t-1}`, and the gradients at
 both ends, by the trapezoid rule
 :math:`\\Delta L_t \\approx \\tfrac12 (g_{t-1} + g_t) \\cdot d_t` (exact on a
-quadratic). The dot products run over a fixed strided subset of coordinates
+quadratic), less the minibatch noise that the step's own gradient puts into
+it (estimated from a fit of the step to the last step and gradient, and from
+two independent minibatch gradients). The dot products run over a fixed
+strided subset of coordinates
 of every leaf (at most `coordinates` in all), weighted by each leaf's size
 over its share, so the estimate is global, cheap, and needs no copy of the
 parameters. The kept coordinates are packed into one vector, so that the dot
@@ -19,9 +22,8 @@ kernel launch. Under GSPMD sharding only that vector (about 1 KB) is
 gathered, never a leaf.
 
 Where the loss is passed (``tx.update(g, state, params, loss=loss)``), a
-sustained rise of the observed loss is trouble too: the trapezoid estimate is
-biased towards "falling" by the step's own minibatch noise, and misses rises
-in noise-dominated runs.
+sustained rise of the observed loss is trouble too: a second, independent
+reading of the same question.
 
 Limits: without `params` (``tx.update(g, state)``) there is no loss
 estimate, and the rule is its slow start followed by spike clipping alone.
@@ -79,6 +81,10 @@ class AdaptiveState(NamedTuple):
     prev_params: The parameters' subset coordinates at the last finite step,
       one float32 vector of about `coordinates` entries.
     prev_grads: The gradients' subset coordinates at the last finite step.
+    prev_step: The subset coordinates of the step before that one,
+      :math:`d_{t-1}`.
+    step_dots: :math:`\\langle g_{t-1}, d_{t-1}\\rangle_S` and
+      :math:`\\langle g_{t-1}, g_{t-2}\\rangle_S` from the last finite step.
   """
 
   grad_norm: jax.Array
@@ -97,6 +103,8 @@ class AdaptiveState(NamedTuple):
   norm_count: jax.Array
   prev_params: jax.Array
   prev_grads: jax.Array
+  prev_step: jax.Array
+  step_dots: jax.Array
 
 
 _metrics.register_state(
@@ -157,6 +165,30 @@ def _subset(leaves, coordinates: int) -> _Subset:
                  else np.zeros((0,), np.float32))
 
 
+def _self_noise(a, d1d1, g1g1, dd1, step_dots, valid):
+  r"""The minibatch noise that `a` holds through the step's own gradient.
+
+  Fits :math:`d_t \approx \beta d_{t-1} - \eta g_{t-1}` by least squares
+  over the subset (exact for SGD with momentum, whatever the clipping; for a
+  diagonal preconditioner :math:`P`, :math:`\eta |g|^2 = g^\top P g`), and
+  returns :math:`\eta (|g_{t-1}|^2 - \max(\langle g_{t-1},
+  g_{t-2}\rangle, 0))`: the product of two independent minibatch gradients
+  estimates :math:`|\nabla L|^2` without the noise's :math:`|\xi|^2`. Zero
+  where the fit is ill-posed (fewer than two earlier steps, or
+  :math:`d_{t-1}` and :math:`g_{t-1}` nearly parallel) or not finite.
+  `d1d1`, `g1g1` and `dd1` are :math:`|d_{t-1}|^2`, :math:`|g_{t-1}|^2` and
+  :math:`\langle d_t, d_{t-1}\rangle`; `step_dots` holds
+  :math:`\langle g_{t-1}, d_{t-1}\rangle` and
+  :math:`\langle g_{t-1}, g_{t-2}\rangle`.
+  """
+  b1, gg1 = step_dots[0], step_dots[1]
+  det = d1d1 * g1g1 - b1 * b1
+  ok = valid & (det > 1e-3 * d1d1 * g1g1) & (d1d1 > 0)
+  eta = (d1d1 * a + b1 * dd1) / jnp.where(ok, det, 1.0)
+  noise = jnp.maximum(eta, 0.0) * (g1g1 - jnp.maximum(gg1, 0.0))
+  return jnp.where(ok & jnp.isfinite(noise), noise, 0.0)
+
+
 def _watch(loss: jax.Array, watch: jax.Array):
   """Whether the loss is in a sustained rise, and the updated watch.
 
@@ -191,7 +223,7 @@ def adaptive(
     recovery: jax.typing.ArrayLike = 1.02,
     cut: jax.typing.ArrayLike = 0.5,
     trouble: jax.typing.ArrayLike = 0.0,
-    trend_decay: jax.typing.ArrayLike = 0.8,
+    trend_decay: jax.typing.ArrayLike = 0.9,
     patience: jax.typing.ArrayLike = 10,
     release: jax.typing.ArrayLike = 4.0,
     spike_z: jax.typing.ArrayLike = 3.0,
@@ -216,8 +248,11 @@ def adaptive(
   taken (whatever the optimizer) and :math:`g_t` the incoming updates,
 
   .. math::
-    a_t = -\langle g_{t-1}, d_t\rangle_S, \quad
-    b_t = \langle g_t, d_t\rangle_S, \quad
+    a_t = -\langle g_{t-1}, d_t\rangle_S - \hat\eta_t \bigl(
+          |g_{t-1}|_S^2 - \max(\langle g_{t-1}, g_{t-2}\rangle_S, 0)\bigr),
+    \quad b_t = \langle g_t, d_t\rangle_S,
+
+  .. math::
     \Delta L_t \approx \tfrac12 (b_t - a_t), \quad
     T_t = \frac{\operatorname{EMA}_\beta(b - a)}
                {\operatorname{EMA}_\beta(|a| + |b|)} \in [-1, 1],
@@ -227,12 +262,30 @@ def adaptive(
   leaf's share proportional to its size), weighted by the leaf's size over
   its share; :math:`\beta` is `trend_decay`. :math:`T_t < 0` while the loss
   falls; the loss rises at step :math:`t` when :math:`b_t > a_t`.
+  :math:`a_t` is the trapezoid rule's first-order decrease,
+  :math:`-\langle g_{t-1}, d_t\rangle`, less the minibatch noise it holds:
+  the step was taken along its own noisy gradient, so the plain product
+  reads an extra :math:`\eta |\xi|^2` of decrease (SGD's learning rate
+  :math:`\eta`), enough to read a noise-dominated run whose loss climbs as
+  falling. :math:`\hat\eta_t` is the least-squares fit of
+  :math:`d_t \approx \beta' d_{t-1} - \eta g_{t-1}` over the subset (exact
+  for SGD with momentum; clipped to :math:`\ge 0`; 0 while fewer than two
+  steps are known or the fit is ill-posed), and
+  :math:`\langle g_{t-1}, g_{t-2}\rangle`, a product of two independent
+  minibatch gradients, estimates :math:`|\nabla L|^2` without the noise.
+  Unbiased, the estimate reads about 0 on a noisy plateau: while the
+  controller clips, a plateau is trouble at the default :math:`\tau = 0`
+  (with SGD, a smaller step lowers a noise-dominated loss); once released,
+  only a clear rise is.
 
   **Controller.** On the first finite step
   :math:`\log c_1 = \log n_1 + \log s` (:math:`s` the `start`). Afterwards,
-  step :math:`t` is in *trouble* when :math:`T_t > \tau` (`trouble`) and
-  :math:`b_t > a_t`; with :math:`k_t` the number of consecutive steps in
-  trouble and :math:`\mu_{t-1}` the mean log norm below,
+  step :math:`t` is in *trouble* when :math:`b_t > a_t` and :math:`T_t`
+  exceeds :math:`\tau` (`trouble`) while the controller clips, or
+  :math:`(1 + \tau)/2` while released (:math:`\log c_{t-1} \ge
+  \mu_{t-1} + \log R`): a run that was let go asks for a clearer rise.
+  With :math:`k_t` the number of consecutive steps in trouble and
+  :math:`\mu_{t-1}` the mean log norm below,
 
   .. math::
     \log c_t = \begin{cases}
@@ -245,9 +298,12 @@ def adaptive(
     \end{cases}
 
   with :math:`\kappa` the `cut`, :math:`P` the `patience`, :math:`R` the
-  `release`, and the growth :math:`r_t = \operatorname{clip}(-T_t, 0, 1)
-  \log` `slow_start` until the first trouble (faster the faster the loss
-  falls) and :math:`r_t = \log` `recovery` after; then :math:`c_t` is
+  `release`, and the growth
+  :math:`r_t = \operatorname{clip}(\tfrac12 - T_t, 0, 1) \log` `slow_start`
+  until the first trouble (half rate on a flat trend, full rate while the
+  loss falls fast) and :math:`r_t = \log` `recovery` after, or
+  :math:`r_t = 0` on a step whose estimate is not finite (a run already
+  blown up does not read as falling); then :math:`c_t` is
   raised to at least :math:`c_1`: the controller never goes below where it
   started. Its threshold is :math:`c_t`, or :math:`\infty` (released) once
   :math:`\log c_t \ge \mu_{t-1} + \log R`.
@@ -259,9 +315,6 @@ def adaptive(
   trouble when :math:`F_t - F_{t-10} > N_t`, from the eleventh loss on: a
   rise sustained over some ten steps, which noise in the minibatch losses
   does not make, and which ends some ten steps after the loss stops rising.
-  The trapezoid estimate is biased towards "falling" by the step's own
-  minibatch noise (its :math:`a_t` holds :math:`\eta|\xi|^2` for SGD), so
-  it can miss the rises of noise-dominated runs; the observed loss is not.
 
   **Spikes.** With :math:`\ell_t = \mu_{t-1} + z\,\sigma_{t-1}`
   (:math:`z` the `spike_z`; :math:`\infty` on the first step),
@@ -390,6 +443,8 @@ def adaptive(
         norm_count=jnp.zeros((), jnp.int32),
         prev_params=zeros,
         prev_grads=zeros,
+        prev_step=zeros,
+        step_dots=jnp.zeros((2,), jnp.float32),
     )
 
   def update_fn(updates, state, params=None, *, loss=None, **extra_args):
@@ -411,33 +466,48 @@ def adaptive(
       p_sub = coords.pack(p_leaves)
     f = _numerics.as_f32
 
-    def dot(x, y):
-      total = jnp.sum(coords.weights * x * y)
+    def dots(xs, ys):
+      # All the products in one reduction (and one psum): on a GPU each
+      # reduction is a kernel launch.
+      total = jnp.sum(
+          coords.weights[None] * jnp.stack(xs) * jnp.stack(ys), axis=1)
       return total if axis_name is None else jax.lax.psum(total, axis_name)
 
     def rule(norm, stats):
       (log_c, floor, mean, var, sums, recovering, streak, watch, count,
-       prev_p, prev_g) = stats
+       prev_p, prev_g, prev_d, step_dots) = stats
       log_n = jnp.log(jnp.maximum(norm, jnp.finfo(jnp.float32).tiny))
       first = count == 0
       # The estimated change of the loss over the last step, and its trend.
       if p_sub is None:
         seen = jnp.zeros((), bool)
         a = b = jnp.zeros((), jnp.float32)
+        d, new_dots = prev_d, step_dots
       else:
         d = p_sub - prev_p
-        a = -dot(prev_g, d)  # The first-order decrease the step promised.
-        b = dot(g_sub, d)  # The slope along the step where it ended.
+        ga, b, gg, d1d1, g1g1, dd1 = dots(
+            [prev_g, g_sub, g_sub, prev_d, prev_g, d],
+            [d, d, prev_g, prev_d, prev_g, prev_d])
+        a = -ga  # The first-order decrease the step promised.
+        # b: the slope along the step where it ended.
+        new_dots = jnp.stack([b, gg])
+        a = a - _self_noise(a, d1d1, g1g1, dd1, step_dots, count >= 2)
         seen = (count > 0) & jnp.isfinite(a) & jnp.isfinite(b)
         a, b = jnp.where(seen, a, 0.0), jnp.where(seen, b, 0.0)
       beta = f(trend_decay)
       rise, size = b - a, jnp.abs(a) + jnp.abs(b)
-      sums = jnp.where(
-          seen, beta * sums + (1 - beta) * jnp.stack([rise, size]), sums)
+      new_sums = beta * sums + (1 - beta) * jnp.stack([rise, size])
+      # Finite products can still overflow the sums, in a run already blown
+      # up: such a step is not seen either.
+      seen &= jnp.all(jnp.isfinite(new_sums))
+      sums = jnp.where(seen, new_sums, sums)
       positive = sums[1] > 0
       trend = jnp.where(positive,
                         sums[0] / jnp.where(positive, sums[1], 1.0), 0.0)
-      hurt = seen & (trend > f(trouble)) & (rise > 0)
+      # Once released, a rise must be clearer to re-engage: halfway to 1.
+      was_released = (count > 0) & (log_c >= mean + jnp.log(f(release)))
+      level = jnp.where(was_released, (1 + f(trouble)) / 2, f(trouble))
+      hurt = seen & (trend > level) & (rise > 0)
       if loss is not None:
         rising, watch = _watch(f(loss), watch)
         hurt |= rising
@@ -446,10 +516,14 @@ def adaptive(
       # falls (-trend), up to the release cap.
       streak = jnp.where(hurt, streak + 1, 0.0)
       cut_now = hurt & (jnp.mod(streak - 1, f(patience)) == 0)
-      # Without params there is no estimate: the slow start runs at full rate.
-      speed = 1.0 if p_sub is None else jnp.clip(-trend, 0.0, 1.0)
+      # Without params there is no estimate: the slow start runs at full
+      # rate. With them, it runs at half rate on a flat trend, and nothing
+      # grows on a step the estimate could not read.
+      speed = 1.0 if p_sub is None else jnp.clip(0.5 - trend, 0.0, 1.0)
       grow = jnp.where(recovering > 0, jnp.log(f(recovery)),
                        jnp.log(f(slow_start)) * speed)
+      if p_sub is not None:
+        grow = jnp.where(first | seen, grow, 0.0)
       cap = mean + jnp.log(f(release))
       log_c = jnp.where(
           cut_now, jnp.minimum(log_c, log_n) + jnp.log(f(cut)),
@@ -476,13 +550,14 @@ def adaptive(
                                             START)))
       new = (log_c, floor, new_mean, new_var, sums, recovering, streak,
              watch, jnp.minimum(count + 1, 2),
-             prev_p if p_sub is None else p_sub, g_sub)
+             prev_p if p_sub is None else p_sub, g_sub, d, new_dots)
       return threshold, new, cause, trend
 
     stats = (state.log_threshold, state.log_floor, state.norm_mean, state.norm_var,
              state.trend_sums, state.recovering, state.trouble_steps,
              state.loss_stats, state.norm_count,
-             state.prev_params, state.prev_grads)
+             state.prev_params, state.prev_grads, state.prev_step,
+             state.step_dots)
     norm = _numerics.global_norm(leaves, axis_name)
     value = f(norm.value)
     ok = jnp.isfinite(value)
