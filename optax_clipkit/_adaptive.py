@@ -505,15 +505,16 @@ def adaptive(
       trend = jnp.where(positive,
                         sums[0] / jnp.where(positive, sums[1], 1.0), 0.0)
       # Once released, a rise must be clearer to re-engage: halfway to 1.
-      was_released = (count > 0) & (log_c >= mean + jnp.log(f(release)))
+      cap = mean + jnp.log(f(release))  # Released at or above it.
+      was_released = (count > 0) & (log_c >= cap)
       level = jnp.where(was_released, (1 + f(trouble)) / 2, f(trouble))
       hurt = seen & (trend > level) & (rise > 0)
       if loss is not None:
         rising, watch = _watch(f(loss), watch)
         hurt |= rising
       # The controller: cut at the onset of a rise and every `patience` steps
-      # it lasts; hold while it lasts; otherwise grow as fast as the loss
-      # falls (-trend), up to the release cap.
+      # it lasts; hold while it lasts; otherwise grow (faster the faster the
+      # loss falls), up to the release cap.
       streak = jnp.where(hurt, streak + 1, 0.0)
       cut_now = hurt & (jnp.mod(streak - 1, f(patience)) == 0)
       # Without params there is no estimate: the slow start runs at full
@@ -524,7 +525,6 @@ def adaptive(
                        jnp.log(f(slow_start)) * speed)
       if p_sub is not None:
         grow = jnp.where(first | seen, grow, 0.0)
-      cap = mean + jnp.log(f(release))
       log_c = jnp.where(
           cut_now, jnp.minimum(log_c, log_n) + jnp.log(f(cut)),
           jnp.where(hurt, log_c,
