@@ -3,10 +3,10 @@
 - `make_regression`, `init_mlp`, `mlp`, `mse`: the exploding-gradient
   regression of ``python -m optax_clipkit.demo`` (20 features, 10
   informative, unscaled targets; an MLP 20-25-1 with ReLU).
-- `Task`, `train_task`, `regression_task`, `adding_task`: problems trained in
-  one jitted `lax.scan`, recording the loss and `clipkit.metrics` each step,
-  for the exploding-gradient study (``benchmarks/exploding.py``) and the
-  tests of the stateful strategies.
+- `Task`, `regression_task`, `adding_task`: problems for the
+  exploding-gradient study (``benchmarks/exploding.py``, which trains them,
+  seeds vmapped, in jitted `lax.scan`s) and the tests of the stateful
+  strategies.
 """
 
 from __future__ import annotations
@@ -17,9 +17,6 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-
-import optax_clipkit as clipkit
 
 
 def make_regression(n_samples=1000, n_features=20, n_informative=10,
@@ -56,7 +53,7 @@ def mse(params, x, y):
 
 
 def regression_task(steps=2000, batch=32, standardize=False):
-  """The demo's regression as a task for `train_task` (random batches).
+  """The demo's regression as a `Task` (random batches).
 
   With `standardize`, the targets are divided by their standard deviation:
   a healthy problem whose gradients do not explode, a control.
@@ -127,29 +124,3 @@ class Task(NamedTuple):
   sample: Callable
   evaluate: Callable
   steps: int
-
-
-def train_task(task: Task, tx, seed=0):
-  """Trains `task` with `tx` in one jitted scan.
-
-  Returns ``(final loss, per-step losses, per-step metrics)``; the final loss
-  is inf if training diverged.
-  """
-
-  def step(carry, key):
-    params, state = carry
-    loss, grads = jax.value_and_grad(task.loss)(params, task.sample(key))
-    updates, state = tx.update(grads, state, params)
-    return (optax.apply_updates(params, updates), state), (
-        loss, clipkit.metrics(state))
-
-  @jax.jit
-  def run(key):
-    params = task.init(key)
-    keys = jax.random.split(jax.random.fold_in(key, 1), task.steps)
-    (params, _), trace = jax.lax.scan(step, (params, tx.init(params)), keys)
-    return task.evaluate(params), trace
-
-  final, (losses, metrics) = run(jax.random.PRNGKey(seed))
-  final = float(final)
-  return (final if np.isfinite(final) else np.inf), losses, metrics

@@ -5,15 +5,18 @@ import pathlib
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 BENCHMARKS = pathlib.Path(__file__).parent.parent / "benchmarks"
 
 
-def run(script, tmp_path):
+def run(script, tmp_path, *args):
   out = tmp_path / "out.json"
   proc = subprocess.run(
-      [sys.executable, str(BENCHMARKS / script), "--quick", "--json", str(out)],
+      [sys.executable, str(BENCHMARKS / script), "--quick", "--json", str(out),
+       *args],
       capture_output=True, text=True, timeout=600, check=False,
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -33,6 +36,31 @@ def test_exploding_quick(tmp_path):
   stdout, results = run("exploding.py", tmp_path)
   assert "median / worst" in stdout
   assert len(results) == 8  # 4 tasks, each with SGD and with Adam.
+
+
+def test_exploding_one_task(monkeypatch):
+  # A fast stand-in for the slow smoke run above: one task, one threshold,
+  # one strategy, two seeds, 20 steps, in process.
+  if str(BENCHMARKS) not in sys.path:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+  import exploding  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(exploding, "GRID", (1.0,))
+  monkeypatch.setattr(exploding, "STRATEGIES",
+                      {"adaptive()": exploding.STRATEGIES["adaptive()"]})
+  with jax.numpy_dtype_promotion("standard"):
+    rows = exploding.study(seeds=2, steps=20, only="control")
+  assert set(rows) == {"control / sgd", "control / adam"}
+  for row in rows.values():
+    assert row["best fixed"] == 1.0 and np.isfinite(row["adaptive()"])
+  assert "median / worst" not in exploding.table(rows)  # No exploding task.
+
+
+def test_exploding_rejects_no_seeds():
+  proc = subprocess.run(
+      [sys.executable, str(BENCHMARKS / "exploding.py"), "--seeds", "0"],
+      capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode != 0 and "--seeds must be at least 1, got 0" in (
+      proc.stderr)
 
 
 def test_docs_page_matches_the_results():
