@@ -49,6 +49,10 @@ from optax_clipkit import _validation
 # its value `_LAG` steps earlier by more than `_RISE` times the typical
 # single-step change (an EMA with decay `_SLOW`).
 _FAST, _SLOW, _RISE, _LAG = 0.9, 0.99, 1.0, 10
+# A sustained rise: the trend of the loss estimate over a slow EMA (decay
+# `_SUSTAINED_DECAY`) above `_SUSTAINED`. Cuts may then take the threshold
+# below its floor, down to `_BELOW` times the (geometric) mean norm.
+_SUSTAINED_DECAY, _SUSTAINED, _BELOW = 0.99, 0.1, 0.2
 
 # Values of `clip_cause`.
 NONE, START, OVERSHOOT, SPIKE, CEILING = 0.0, 1.0, 2.0, 3.0, 4.0
@@ -70,6 +74,7 @@ class AdaptiveState(NamedTuple):
     norm_mean: EMA mean of the log norms (after spike capping).
     norm_var: EMA variance of the log norms.
     trend_sums: EMAs of :math:`\\Delta L` and of its scale (2 floats).
+    slow_sums: The same over the slow EMA that tells a sustained rise.
     recovering: 1.0 once the loss has been seen rising (slow recovery), else
       0.0 (slow start).
     trouble_steps: Consecutive steps in trouble.
@@ -97,6 +102,7 @@ class AdaptiveState(NamedTuple):
   norm_mean: jax.Array
   norm_var: jax.Array
   trend_sums: jax.Array
+  slow_sums: jax.Array
   recovering: jax.Array
   trouble_steps: jax.Array
   loss_stats: jax.Array
@@ -187,6 +193,12 @@ def _self_noise(a, d1d1, g1g1, dd1, step_dots, valid):
   eta = (d1d1 * a + b1 * dd1) / jnp.where(ok, det, 1.0)
   noise = jnp.maximum(eta, 0.0) * (g1g1 - jnp.maximum(gg1, 0.0))
   return jnp.where(ok & jnp.isfinite(noise), noise, 0.0)
+
+
+def _ratio(sums):
+  """A trend in [-1, 1] from the EMAs of the rises and of their scale."""
+  positive = sums[1] > 0
+  return jnp.where(positive, sums[0] / jnp.where(positive, sums[1], 1.0), 0.0)
 
 
 def _watch(loss: jax.Array, watch: jax.Array):
@@ -289,7 +301,8 @@ def adaptive(
 
   .. math::
     \log c_t = \begin{cases}
-      \min(\log c_{t-1}, \log n_t) + \log \kappa
+      \min\bigl(\log c_{t-1},\ \max(\min(\log c_{t-1}, \log n_t)
+        + \log \kappa,\ \lambda_t)\bigr)
         & \text{trouble, } k_t \equiv 1 \pmod{P} \\
       \log c_{t-1} & \text{trouble otherwise} \\
       \min\bigl(\log c_{t-1} + r_t,\
@@ -303,10 +316,16 @@ def adaptive(
   until the first trouble (half rate on a flat trend, full rate while the
   loss falls fast) and :math:`r_t = \log` `recovery` after, or
   :math:`r_t = 0` on a step whose estimate is not finite (a run already
-  blown up does not read as falling); then :math:`c_t` is
-  raised to at least :math:`c_1`: the controller never goes below where it
-  started. Its threshold is :math:`c_t`, or :math:`\infty` (released) once
-  :math:`\log c_t \ge \mu_{t-1} + \log R`.
+  blown up does not read as falling). A cut stops at the floor
+  :math:`\lambda_t = \log c_1`, where the controller started, unless the
+  rise is *sustained*: the same trend over a slow EMA (decay 0.99),
+  :math:`T^{\text{slow}}_t`, exceeds 0.1. Then it stops at
+  :math:`\lambda_t = \min(\log c_1, \mu_{t-1} + \log \tfrac15)`, a fifth of
+  the (geometric) mean norm, so that a run whose norms have fallen far
+  below the first can be clipped on every step, not on its largest norms
+  only. Finally :math:`c_t` is raised to at least
+  :math:`\min(c_1, e^{\mu_{t-1}} / 5)`. Its threshold is :math:`c_t`, or
+  :math:`\infty` (released) once :math:`\log c_t \ge \mu_{t-1} + \log R`.
 
   **The loss, when passed** (``tx.update(g, state, params, loss=loss)``, the
   keyword `skip_spikes` reads too): with :math:`F_t` the EMA of the loss with
@@ -435,6 +454,7 @@ def adaptive(
         norm_mean=f32(0.0),
         norm_var=f32(0.0),
         trend_sums=jnp.zeros((2,), jnp.float32),
+        slow_sums=jnp.zeros((2,), jnp.float32),
         recovering=f32(0.0),
         trouble_steps=f32(0.0),
         loss_stats=jnp.concatenate([
@@ -474,7 +494,7 @@ def adaptive(
       return total if axis_name is None else jax.lax.psum(total, axis_name)
 
     def rule(norm, stats):
-      (log_c, floor, mean, var, sums, recovering, streak, watch, count,
+      (log_c, floor, mean, var, sums, slow, recovering, streak, watch, count,
        prev_p, prev_g, prev_d, step_dots) = stats
       log_n = jnp.log(jnp.maximum(norm, jnp.finfo(jnp.float32).tiny))
       first = count == 0
@@ -497,13 +517,14 @@ def adaptive(
       beta = f(trend_decay)
       rise, size = b - a, jnp.abs(a) + jnp.abs(b)
       new_sums = beta * sums + (1 - beta) * jnp.stack([rise, size])
+      new_slow = (_SUSTAINED_DECAY * slow
+                  + (1 - _SUSTAINED_DECAY) * jnp.stack([rise, size]))
       # Finite products can still overflow the sums, in a run already blown
       # up: such a step is not seen either.
-      seen &= jnp.all(jnp.isfinite(new_sums))
+      seen &= jnp.all(jnp.isfinite(new_sums)) & jnp.all(jnp.isfinite(new_slow))
       sums = jnp.where(seen, new_sums, sums)
-      positive = sums[1] > 0
-      trend = jnp.where(positive,
-                        sums[0] / jnp.where(positive, sums[1], 1.0), 0.0)
+      slow = jnp.where(seen, new_slow, slow)
+      trend = _ratio(sums)
       # Once released, a rise must be clearer to re-engage: halfway to 1.
       cap = mean + jnp.log(f(release))  # Released at or above it.
       was_released = (count > 0) & (log_c >= cap)
@@ -525,13 +546,19 @@ def adaptive(
                        jnp.log(f(slow_start)) * speed)
       if p_sub is not None:
         grow = jnp.where(first | seen, grow, 0.0)
+      # The floor stops cuts, unless the rise is sustained: then they may
+      # go on down to `_BELOW` times the mean norm (a cut never raises).
+      low = jnp.minimum(floor, mean + math.log(_BELOW))
+      cut_to = jnp.minimum(log_c, jnp.maximum(
+          jnp.minimum(log_c, log_n) + jnp.log(f(cut)),
+          jnp.where(_ratio(slow) > _SUSTAINED, low, floor)))
       log_c = jnp.where(
-          cut_now, jnp.minimum(log_c, log_n) + jnp.log(f(cut)),
+          cut_now, cut_to,
           jnp.where(hurt, log_c,
                     jnp.minimum(log_c + grow, jnp.maximum(cap, log_c))))
       floor = jnp.where(first, log_n + jnp.log(f(start)), floor)
-      # Never below where it started.
-      log_c = jnp.where(first, floor, jnp.maximum(log_c, floor))
+      low = jnp.minimum(floor, mean + math.log(_BELOW))
+      log_c = jnp.where(first, floor, jnp.maximum(log_c, low))
       released = ~first & (log_c >= cap)
       controller = jnp.where(released, jnp.inf, jnp.exp(log_c))
       recovering = jnp.where(hurt, 1.0, recovering)
@@ -548,13 +575,14 @@ def adaptive(
                         jnp.where(spike < controller, SPIKE,
                                   jnp.where(recovering > 0, OVERSHOOT,
                                             START)))
-      new = (log_c, floor, new_mean, new_var, sums, recovering, streak,
+      new = (log_c, floor, new_mean, new_var, sums, slow, recovering, streak,
              watch, jnp.minimum(count + 1, 2),
              prev_p if p_sub is None else p_sub, g_sub, d, new_dots)
       return threshold, new, cause, trend
 
     stats = (state.log_threshold, state.log_floor, state.norm_mean, state.norm_var,
-             state.trend_sums, state.recovering, state.trouble_steps,
+             state.trend_sums, state.slow_sums, state.recovering,
+             state.trouble_steps,
              state.loss_stats, state.norm_count,
              state.prev_params, state.prev_grads, state.prev_step,
              state.step_dots)
