@@ -546,18 +546,17 @@ def adaptive(
                        jnp.log(f(slow_start)) * speed)
       if p_sub is not None:
         grow = jnp.where(first | seen, grow, 0.0)
-      # The floor stops cuts, unless the rise is sustained: then they may
-      # go on down to `_BELOW` times the mean norm (a cut never raises).
+      # The floor, where it started, stops cuts unless the rise is
+      # sustained: then they may go on down to `_BELOW` times the mean norm.
+      floor = jnp.where(first, log_n + jnp.log(f(start)), floor)
       low = jnp.minimum(floor, mean + math.log(_BELOW))
-      cut_to = jnp.minimum(log_c, jnp.maximum(
+      cut_to = jnp.minimum(log_c, jnp.maximum(  # A cut never raises.
           jnp.minimum(log_c, log_n) + jnp.log(f(cut)),
           jnp.where(_ratio(slow) > _SUSTAINED, low, floor)))
       log_c = jnp.where(
           cut_now, cut_to,
           jnp.where(hurt, log_c,
                     jnp.minimum(log_c + grow, jnp.maximum(cap, log_c))))
-      floor = jnp.where(first, log_n + jnp.log(f(start)), floor)
-      low = jnp.minimum(floor, mean + math.log(_BELOW))
       log_c = jnp.where(first, floor, jnp.maximum(log_c, low))
       released = ~first & (log_c >= cap)
       controller = jnp.where(released, jnp.inf, jnp.exp(log_c))
