@@ -55,6 +55,14 @@ def test_exploding_one_task(monkeypatch):
   assert "median / worst" not in exploding.table(rows)  # No exploding task.
 
 
+def test_estimate_bias_quick():
+  proc = subprocess.run(
+      [sys.executable, str(BENCHMARKS / "estimate_bias.py"), "--quick"],
+      capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "| 100-200 |" in proc.stdout and "corrected estimate" in proc.stdout
+
+
 def test_exploding_rejects_no_seeds():
   proc = subprocess.run(
       [sys.executable, str(BENCHMARKS / "exploding.py"), "--seeds", "0"],

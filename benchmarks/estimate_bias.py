@@ -1,0 +1,123 @@
+"""How far `adaptive()`'s loss estimate is from the true change of the loss.
+
+Trains one task with `adaptive()` and records, every step, the parameters,
+the minibatch gradient and the held-out loss. Then, over whole vectors and
+in float64 (the rule reads a subset in float32), it forms the rule's
+estimate of the loss change (the trapezoid rule, plain and less the step's
+own minibatch noise: see `adaptive`'s docstring) and compares its mean with
+the observed change of the held-out loss, both divided by the mean of
+``|a| + |b|``, the scale of the rule's trend. A trend that reads a rise
+where the loss is flat is a bias of the estimate, not a rise.
+
+Run: ``python benchmarks/estimate_bias.py [--task control] [--optimizer
+adam] [--steps 2000] [--seed 0] [--quick]``; ``--task`` is ``control`` (the
+regression with standardised targets of ``benchmarks/exploding.py``, with
+its learning rates) or a task of ``benchmarks/adaptive_study.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import jax
+from jax.flatten_util import ravel_pytree
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.dirname(__file__))
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import adaptive_study
+import adaptive_tasks
+import exploding
+import tasks
+
+import optax_clipkit as clipkit
+
+
+def record(task, opt, steps: int, seed: int):
+  """Parameters, gradients and held-out losses of every step (float64)."""
+  tx = optax.chain(clipkit.adaptive(), opt)
+  key = jax.random.PRNGKey(seed)
+  params = task.init(key)
+
+  def step(carry, k):
+    params, state = carry
+    grads = jax.grad(task.loss)(params, task.sample(k))
+    updates, state = tx.update(grads, state, params)
+    flat_p, flat_g = ravel_pytree(params)[0], ravel_pytree(grads)[0]
+    return ((optax.apply_updates(params, updates), state),
+            (flat_p, flat_g, task.evaluate(params)))
+
+  keys = jax.random.split(jax.random.fold_in(key, 1), steps)
+  _, out = jax.jit(lambda c, k: jax.lax.scan(step, c, k))(
+      (params, tx.init(params)), keys)
+  return [np.asarray(x, np.float64) for x in out]
+
+
+def changes(p, g, loss):
+  """Per step t >= 3: the observed change, the plain and corrected estimates,
+  and the scale |a| + |b|."""
+  rows = []
+  for t in range(3, len(loss)):
+    d, d1 = p[t] - p[t - 1], p[t - 1] - p[t - 2]
+    g1, g2 = g[t - 1], g[t - 2]
+    a, b = -g1 @ d, g[t] @ d
+    # Least squares: d ~ beta * d1 - eta * g1.
+    (_, eta), *_ = np.linalg.lstsq(np.stack([d1, -g1], 1), d, rcond=None)
+    noise = max(eta, 0.0) * (g1 @ g1 - max(g1 @ g2, 0.0))
+    rows.append((loss[t] - loss[t - 1], (b - a) / 2, (b - a + noise) / 2,
+                 abs(a) + abs(b)))
+  return np.array(rows)
+
+
+def report(rows, loss, windows) -> str:
+  out = ["| steps | held-out loss | observed | plain estimate | corrected"
+         " estimate |", "|---|---|---|---|---|"]
+  for lo, hi in windows:
+    w = rows[lo - 3:hi - 3]
+    if not len(w):
+      continue
+    scale = w[:, 3].mean() / 2  # The estimates are (b - a) / 2.
+    out.append(f"| {lo}-{hi} | {loss[lo]:.3g} to {loss[hi - 1]:.3g} |"
+               f" {w[:, 0].mean() / scale:+.3f} |"
+               f" {w[:, 1].mean() / scale:+.3f} | {w[:, 2].mean() / scale:+.3f}"
+               " |")
+  return "\n".join(out)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--task", default="control")
+  parser.add_argument("--optimizer", default="adam", choices=("sgd", "adam"))
+  parser.add_argument("--steps", type=int, default=2000)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--quick", action="store_true",
+                      help="200 steps: a smoke run")
+  args = parser.parse_args()
+  steps = 200 if args.quick else args.steps
+  if args.task == "control":
+    task = tasks.regression_task(steps=steps, standardize=True)
+    opt = exploding.optimizer("control", args.optimizer)
+  else:
+    study = {**adaptive_tasks.design(steps), **adaptive_tasks.held_out(steps)}
+    if args.task not in study:
+      parser.error(f"--task must be control or one of {sorted(study)},"
+                   f" got {args.task!r}")
+    task = study[args.task]
+    opt = adaptive_study.optimizer(task, args.optimizer)
+  with jax.numpy_dtype_promotion("standard"):
+    p, g, loss = record(task, opt, steps, args.seed)
+  rows = changes(p, g, loss)
+  edges = [3, 50, 100, 200] + list(range(300, steps + 1, 300))
+  windows = [(lo, hi) for lo, hi in zip(edges, edges[1:] + [steps])
+             if lo < hi]
+  print(f"{args.task} / {args.optimizer}, seed {args.seed}, {steps} steps:"
+        " mean changes per step over each window, divided by half the mean"
+        " |a| + |b| (the trend's scale)\n")
+  print(report(rows, loss, windows))
+
+
+if __name__ == "__main__":
+  main()
