@@ -36,23 +36,17 @@ import tasks
 import optax_clipkit as clipkit
 
 
-def record(task, opt, steps: int, seed: int):
+def record(task, opt, seed: int):
   """Parameters, gradients and held-out losses of every step (float64)."""
   tx = optax.chain(clipkit.adaptive(), opt)
-  key = jax.random.PRNGKey(seed)
-  params = task.init(key)
 
-  def step(carry, k):
-    params, state = carry
-    grads = jax.grad(task.loss)(params, task.sample(k))
-    updates, state = tx.update(grads, state, params)
-    flat_p, flat_g = ravel_pytree(params)[0], ravel_pytree(grads)[0]
-    return ((optax.apply_updates(params, updates), state),
-            (flat_p, flat_g, task.evaluate(params)))
+  def record_step(params, grads, state):
+    del state
+    return (ravel_pytree(params)[0], ravel_pytree(grads)[0],
+            task.evaluate(params))
 
-  keys = jax.random.split(jax.random.fold_in(key, 1), steps)
-  _, out = jax.jit(lambda c, k: jax.lax.scan(step, c, k))(
-      (params, tx.init(params)), keys)
+  _, out = jax.jit(lambda key: tasks.train(task, tx, key, record_step))(
+      jax.random.PRNGKey(seed))
   return [np.asarray(x, np.float64) for x in out]
 
 
@@ -108,7 +102,7 @@ def main():
     task = study[args.task]
     opt = adaptive_study.optimizer(task, args.optimizer)
   with jax.numpy_dtype_promotion("standard"):
-    p, g, loss = record(task, opt, steps, args.seed)
+    p, g, loss = record(task, opt, args.seed)
   rows = changes(p, g, loss)
   edges = [3, 50, 100, 200] + list(range(300, steps + 1, 300))
   windows = [(lo, hi) for lo, hi in zip(edges, edges[1:] + [steps])

@@ -96,21 +96,7 @@ def final_losses(task, clip, opt, seeds: int) -> np.ndarray:
   `jax.random.PRNGKey(seed)`.
   """
   tx = opt if clip is None else optax.chain(clip, opt)
-
-  def run(key):
-    params = task.init(key)
-
-    def step(carry, k):
-      params, state = carry
-      grads = jax.grad(task.loss)(params, task.sample(k))
-      updates, state = tx.update(grads, state, params)
-      return (optax.apply_updates(params, updates), state), None
-
-    keys = jax.random.split(jax.random.fold_in(key, 1), task.steps)
-    (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), keys)
-    return task.evaluate(params)
-
-  batch = jax.jit(jax.vmap(run))
+  batch = jax.jit(jax.vmap(lambda key: tasks.train(task, tx, key)[0]))
   final = np.concatenate([
       np.asarray(batch(jax.vmap(jax.random.PRNGKey)(
           jnp.arange(s, min(s + _GROUP, seeds)))), np.float64)

@@ -7,6 +7,8 @@
   exploding-gradient study (``benchmarks/exploding.py``, which trains them,
   seeds vmapped, in jitted `lax.scan`s) and the tests of the stateful
   strategies.
+- `train`: one training run of a task (this module's or
+  ``adaptive_tasks.py``'s) as one `lax.scan`, to jit or vmap.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 
 def make_regression(n_samples=1000, n_features=20, n_informative=10,
@@ -124,3 +127,24 @@ class Task(NamedTuple):
   sample: Callable
   evaluate: Callable
   steps: int
+
+
+def train(task, tx, key, record=None):
+  """Trains `task` with `tx` from `key` in one `lax.scan`; traceable.
+
+  Returns ``task.evaluate`` of the final parameters, and the per-step
+  ``record(params, grads, state)`` stacked (parameters and gradients of the
+  step, the state after its update), or None without `record`.
+  """
+  params = task.init(key)
+
+  def step(carry, k):
+    params, state = carry
+    grads = jax.grad(task.loss)(params, task.sample(k))
+    updates, state = tx.update(grads, state, params)
+    out = None if record is None else record(params, grads, state)
+    return (optax.apply_updates(params, updates), state), out
+
+  keys = jax.random.split(jax.random.fold_in(key, 1), task.steps)
+  (params, _), out = jax.lax.scan(step, (params, tx.init(params)), keys)
+  return task.evaluate(params), out

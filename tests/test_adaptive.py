@@ -725,23 +725,14 @@ def _train(task, clip, seeds=4):
   opt = optax.sgd(task.lr["sgd"], momentum=0.9)
   tx = opt if clip is None else optax.chain(clip, opt)
 
-  def one(seed):
-    key = jax.random.PRNGKey(seed)
-    params = task.init(key)
+  def scale(params, grads, state):
+    del params, grads
+    return clipkit.metrics(state).get("clip_scale", jnp.float32(1))
 
-    def step(carry, k):
-      params, state = carry
-      grads = jax.grad(task.loss)(params, task.sample(k))
-      updates, state = tx.update(grads, state, params)
-      scale = clipkit.metrics(state).get("clip_scale", jnp.float32(1))
-      return (optax.apply_updates(params, updates), state), scale
-
-    keys = jax.random.split(jax.random.fold_in(key, 1), task.steps)
-    (params, _), scale = jax.lax.scan(step, (params, tx.init(params)), keys)
-    return task.evaluate(params), scale
-
+  train = _benchmark("tasks").train
   with jax.numpy_dtype_promotion("standard"):
-    return jax.jit(jax.vmap(one))(jnp.arange(seeds))
+    return jax.jit(jax.vmap(lambda seed: train(
+        task, tx, jax.random.PRNGKey(seed), scale)))(jnp.arange(seeds))
 
 
 def test_adaptive_rescues_exploding_sgd_and_spares_healthy_sgd():
