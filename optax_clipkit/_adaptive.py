@@ -322,7 +322,7 @@ def adaptive(
   :math:`T^{\text{slow}}_t`, exceeds 0.1. Then it stops at
   :math:`\lambda_t = \min(\log c_1, \mu_{t-1} + \log \tfrac15)`, a fifth of
   the (geometric) mean norm, so that a run whose norms have fallen far
-  below the first can be clipped on every step, not on its largest norms
+  below the first can be clipped on most steps, not on its largest norms
   only. Finally :math:`c_t` is raised to at least
   :math:`\min(c_1, e^{\mu_{t-1}} / 5)`. Its threshold is :math:`c_t`, or
   :math:`\infty` (released) once :math:`\log c_t \ge \mu_{t-1} + \log R`.
