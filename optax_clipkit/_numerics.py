@@ -14,9 +14,10 @@ Guarantees, on every backend:
   scaled to zero or NaN.
 - **No control flow on data.** The choice is a `jnp.where`. On GPU and TPU
   both sums are reduced in one read of each leaf, in the leaf's own shape and
-  layout, and the update is straight-line code: no device-to-host sync. XLA:CPU
-  runs a second sum at a cost, so there it runs only when the first
-  overflowed; that and the other CPU tactics live in `_cpu`.
+  layout, and the update is straight-line code: no device-to-host sync. On a
+  single GPU, the global norm reduces small leaves together. XLA:CPU runs a
+  second sum at a cost, so there it runs only when the first overflowed;
+  these and the other platforms' tactics live in `_tactics`.
 - **Non-finite input passes through.** A NaN or Inf makes the norm non-finite,
   and the factors are then exactly one.
 - **Invalid thresholds are visible.** A negative or NaN threshold (possible
@@ -40,7 +41,7 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-from optax_clipkit import _cpu
+from optax_clipkit import _tactics
 
 AxisName = Hashable | tuple[Hashable, ...] | None
 
@@ -135,24 +136,36 @@ def _portable_sums(leaves: Sequence[jax.Array], dtype):
       stack_scalars([pairs[i][1] for i in index]))
 
 
-def leaf_sums(leaves: Sequence[jax.Array], axis_name: AxisName):
+def leaf_sums(leaves: Sequence[jax.Array], axis_name: AxisName,
+              total: bool = False):
   """``(q, qd)``: per-leaf sums of squares of ``x`` and ``x * down``.
 
-  Vectors in leaf order, `psum`'d over `axis_name`. `qd` is exact wherever
-  the plain sums' total is not finite; elsewhere it may be anything finite.
+  Vectors in leaf order, `psum`'d over `axis_name`; with `total`, scalars
+  summed over all leaves. `qd` is exact wherever the plain sums' total is not
+  finite; elsewhere it may be anything finite.
   """
   dtype = norm_dtype(leaves)
   psum = (lambda v: v) if axis_name is None else (
       lambda v: lax.psum(v, axis_name))
+  add = (lambda v: jnp.sum(v)) if total else (lambda v: v)
 
   def portable(*leaves):
     q, qd = _portable_sums(leaves, dtype)
-    return psum(q), psum(qd)
+    return psum(add(q)), psum(add(qd))
 
   def cpu(*leaves):
-    return _cpu.leaf_sums(leaves, dtype, psum)
+    q, qd = _tactics.leaf_sums(leaves, dtype, psum)
+    return add(q), add(qd)
 
-  return _cpu.dispatch(cpu, portable, *leaves)
+  def cuda(*leaves):
+    if not (total and _tactics.single_device()):
+      return portable(*leaves)
+    q, qd = _tactics.grouped_sums(
+        leaves, dtype, lambda x: sumsq_pair(x, dtype, down(dtype)),
+        compute_dtype)
+    return psum(q), psum(qd)
+
+  return _tactics.dispatch(cpu, portable, *leaves, cuda=cuda)
 
 
 def _in_range(q: jax.Array) -> jax.Array:
@@ -198,11 +211,8 @@ def norms(leaves: Sequence[jax.Array], axis_name: AxisName = None,
   """
   if not leaves:
     return _empty_norm(per_leaf)
-  dtype = norm_dtype(leaves)
-  q, qd = leaf_sums(leaves, axis_name)
-  if per_leaf:
-    return _pick(q, qd, dtype)
-  return _pick(jnp.sum(q), jnp.sum(qd), dtype)
+  q, qd = leaf_sums(leaves, axis_name, total=not per_leaf)
+  return _pick(q, qd, norm_dtype(leaves))
 
 
 def global_norm(leaves: Sequence[jax.Array], axis_name: AxisName = None) -> Norm:
@@ -299,8 +309,8 @@ def scale_leaves(leaves: Sequence[jax.Array], scale: Scale) -> list[jax.Array]:
       out.append(y.astype(x.dtype).reshape(x.shape))
     return out
 
-  cpu = lambda *leaves: apply(*leaves, vector=_cpu.vector)
-  return _cpu.dispatch(cpu, apply, *leaves)
+  cpu = lambda *leaves: apply(*leaves, vector=_tactics.vector)
+  return _tactics.dispatch(cpu, apply, *leaves)
 
 
 def as_f32(x: jax.typing.ArrayLike) -> jax.Array:

@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_clipkit import _cpu
 from optax_clipkit import _metrics
 from optax_clipkit import _numerics
+from optax_clipkit import _tactics
 from optax_clipkit import _validation
 
 
@@ -67,12 +67,13 @@ def _count(leaves, limit):
         [jnp.sum(_beyond(x, limit)) for x in leaves]))
 
   def cpu(limit):
-    pack = _cpu.pack_small(leaves, jnp.float32)
-    return jnp.sum(_cpu.per_leaf_sums(
+    pack = _tactics.pack_small(leaves, jnp.float32)
+    return jnp.sum(_tactics.per_leaf_sums(
         leaves, pack, lambda x: jnp.sum(_beyond(x, limit)),
         lambda y: _beyond(y, limit)))
 
-  return _cpu.dispatch(lambda limit: _cpu.apart(cpu, limit), portable, limit)
+  return _tactics.dispatch(lambda limit: _tactics.apart(cpu, limit), portable,
+                           limit)
 
 
 def clip_leaves(updates, limit, count_clipped: bool = False):

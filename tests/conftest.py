@@ -10,7 +10,7 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from optax_clipkit import _cpu  # pylint: disable=g-import-not-at-top
+from optax_clipkit import _tactics  # pylint: disable=g-import-not-at-top
 
 
 @pytest.fixture(params=["portable", "cpu_several_devices", "cpu_single_device"])
@@ -24,8 +24,23 @@ def code_path(request, monkeypatch):
   give the same results.
   """
   if request.param == "portable":
-    monkeypatch.setattr(_cpu, "dispatch",
-                        lambda cpu, default, *args: default(*args))
+    monkeypatch.setattr(_tactics, "dispatch",
+                        lambda cpu, default, *args, cuda=None: default(*args))
   single = request.param == "cpu_single_device"
-  monkeypatch.setattr(_cpu, "single_device", lambda: single)
+  monkeypatch.setattr(_tactics, "single_device", lambda: single)
   return request.param
+
+
+@pytest.fixture
+def one_gpu(monkeypatch):
+  """What XLA:GPU runs on a single device, run here on CPU.
+
+  Small limits, so that a few small leaves make several groups and larger
+  ones keep their own reduction.
+  """
+  monkeypatch.setattr(_tactics, "dispatch",
+                      lambda cpu, default, *args, cuda=None:
+                      (cuda or default)(*args))
+  monkeypatch.setattr(_tactics, "single_device", lambda: True)
+  monkeypatch.setattr(_tactics, "_GROUPED_LIMIT", 40)
+  monkeypatch.setattr(_tactics, "_GROUP", 3)

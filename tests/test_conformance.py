@@ -285,6 +285,19 @@ def test_no_data_dependent_control_flow_on_accelerators(name, platform):
   assert data_dependent_control_flow(mlir) == []
 
 
+def test_grouped_global_norm_lowers_to_few_reductions(one_gpu):
+  # One reduction per group of small leaves, one per large leaf (each with
+  # two accumulators), and no control flow on data.
+  g = [jnp.ones((i + 1,)) for i in range(7)] + [jnp.ones((8, 8))]
+  tx = clipkit.adaptive()
+  f = jax.jit(lambda g, s: tx.update(g, s, g))
+  mlir = export.export(f, platforms=["cuda"])(g, tx.init(g)).mlir_module()
+  assert data_dependent_control_flow(mlir) == []
+  tx = clipkit.global_norm(1.0)
+  text = jax.jit(tx.update).lower(g, tx.init(g)).as_text()
+  assert text.count("stablehlo.reduce") == 4, text.count("stablehlo.reduce")
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_state_shape_dtype_shard_stability(name):
   # An update leaves the state's structure, shapes, dtypes (weak types too)

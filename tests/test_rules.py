@@ -14,7 +14,7 @@ from hypothesis.extra import numpy as hnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 import optax_clipkit as clipkit
-from optax_clipkit import _cpu
+from optax_clipkit import _tactics
 
 
 def np_global(leaves, c):
@@ -205,7 +205,7 @@ def test_small_leaves_compile_to_few_reductions_on_cpu(factory, monkeypatch):
   g = [jnp.ones((i + 1,)) for i in range(40)] + [jnp.ones((64, 128))]
 
   def count_reductions(packed):
-    monkeypatch.setattr(_cpu, "single_device", lambda: packed)
+    monkeypatch.setattr(_tactics, "single_device", lambda: packed)
     tx = factory(1.0)  # A new function: no cached trace.
     return jax.jit(tx.update).lower(g, tx.init(g)).as_text().count(
         "stablehlo.reduce")
@@ -213,6 +213,49 @@ def test_small_leaves_compile_to_few_reductions_on_cpu(factory, monkeypatch):
   one_by_one, packed = count_reductions(False), count_reductions(True)
   assert one_by_one >= 40
   assert packed <= 12, packed
+
+
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(hnp.arrays(np.float32,
+                           hnp.array_shapes(min_dims=0, max_dims=3,
+                                            max_side=7),
+                           elements=finite), min_size=1, max_size=9),
+       thresholds)
+def test_grouped_global_norm_matches_numpy(one_gpu, leaves, c):
+  out, state = apply(clipkit.global_norm(c), leaves)
+  ref, norm = np_global(leaves, c)
+  np.testing.assert_allclose(state.grad_norm, norm, rtol=1e-5, atol=1e-30)
+  for a, b in zip(out, ref):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,value", [
+    (jnp.float32, 3e38), (jnp.float32, 1e20), (jnp.bfloat16, 3e38),
+    (jnp.float16, 100.0), (jnp.float32, 1.0)])
+def test_grouped_global_norm_survives_overflow(one_gpu, dtype, value):
+  # Leaves in groups, alone, complex, empty, and the guarantees of
+  # `_numerics`: finite updates keep their direction at any size.
+  x = np.linspace(0.5, 1.0, 100) * value
+  g = {"big": jnp.asarray(x, dtype), "a": jnp.asarray(-x[:3], dtype),
+       "b": jnp.asarray(x[-5:].reshape(5, 1) / 2, dtype),
+       "c": jnp.asarray(x[:7], dtype), "e": jnp.zeros((0, 3), dtype),
+       "z": jnp.asarray(x[:4] * (1 + 2j), jnp.complex64)}
+  out, state = jax.jit(clipkit.global_norm(1.0).update)(
+      g, clipkit.global_norm(1.0).init(g))
+  ref = {k: np.asarray(v, np.complex128) for k, v in g.items()}
+  norm = np.sqrt(sum(np.sum(np.abs(v) ** 2) for v in ref.values()))
+  if norm < np.finfo(np.float32).max:
+    np.testing.assert_allclose(state.grad_norm, norm, rtol=1e-5)
+  for k in g:
+    o = np.asarray(out[k], np.complex128)
+    np.testing.assert_allclose(o, ref[k] * min(1.0, 1.0 / norm),
+                               rtol=1e-2, atol=1e-30)
+  g["a"] = g["a"].at[1].set(jnp.nan)
+  out, state = jax.jit(clipkit.global_norm(1.0).update)(
+      g, clipkit.global_norm(1.0).init(g))
+  assert np.isnan(state.grad_norm)
+  chex.assert_trees_all_equal(out, g)
 
 
 @pytest.mark.parametrize("factory,arg", [(clipkit.global_norm, 1.0),
