@@ -21,6 +21,8 @@ timeout "${BENCH_S:-270}" $PY benchmarks/run.py \
 echo "run.py: rc $? in ${SECONDS}s"; SECONDS=0
 timeout 90 $PY benchmarks/adaptive_overhead.py > "$OUT/adaptive_overhead.md" 2>&1
 echo "adaptive_overhead.py: rc $? in ${SECONDS}s"; SECONDS=0
+timeout 120 $PY benchmarks/grouped_norm.py > "$OUT/grouped_norm.md" 2>&1
+echo "grouped_norm.py: rc $? in ${SECONDS}s"; SECONDS=0
 timeout 60 $PY -m optax_clipkit.demo > "$OUT/demo.log" 2>&1
 echo "demo: rc $? in ${SECONDS}s"; SECONDS=0
 
@@ -35,4 +37,4 @@ timeout "${TEST_S:-200}" $PY -m pytest -q -n 8 -p no:cacheprovider -p no:benchma
 echo "pytest: rc $? in ${SECONDS}s"
 tail -n 15 "$OUT/pytest.log"
 tail -n 12 "$OUT/demo.log"
-cat "$OUT/adaptive_overhead.md" "$OUT/bench.md"
+cat "$OUT/adaptive_overhead.md" "$OUT/grouped_norm.md" "$OUT/bench.md"

@@ -55,6 +55,15 @@ def test_exploding_one_task(monkeypatch):
   assert "median / worst" not in exploding.table(rows)  # No exploding task.
 
 
+@pytest.mark.slow
+def test_grouped_norm_quick():
+  proc = subprocess.run(
+      [sys.executable, str(BENCHMARKS / "grouped_norm.py"), "--quick"],
+      capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "global_norm, per leaf" in proc.stdout
+
+
 def test_estimate_bias_quick():
   proc = subprocess.run(
       [sys.executable, str(BENCHMARKS / "estimate_bias.py"), "--quick"],
