@@ -182,7 +182,9 @@ def apart(f: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
 
 
 _GROUPED_LIMIT = 1 << 21  # Leaves this large keep their own reduction ...
-_GROUP = 64  # ... the others are reduced together, this many at a time.
+_GROUP = 64  # ... the others are reduced together, this many at a time ...
+_GROUP_SIZE = 1 << 24  # ... and at most this many elements: a copy, were
+# XLA ever not to fuse the concatenation, stays within 64 MB of float32.
 
 
 def grouped_sums(leaves: Sequence[jax.Array], dtype, pair: Callable,
@@ -191,10 +193,11 @@ def grouped_sums(leaves: Sequence[jax.Array], dtype, pair: Callable,
 
   ``pair(x)`` returns ``x``'s two sums (plain and scaled down) in `dtype`.
   Leaves under `_GROUPED_LIMIT` elements are flattened and concatenated, up
-  to `_GROUP` at a time, in their compute dtype (complex leaves as their real
-  and imaginary parts), and each concatenation is one reduction, into which
-  XLA fuses the concatenation. Only on a single device: concatenating leaves
-  sharded apart would gather them.
+  to `_GROUP` leaves and `_GROUP_SIZE` elements at a time, in their compute
+  dtype (complex leaves as their real and imaginary parts), and each
+  concatenation is one reduction, into which XLA fuses the concatenation.
+  Only on a single device: concatenating leaves sharded apart would gather
+  them.
   """
   arrays, group = [], []
 
@@ -210,9 +213,10 @@ def grouped_sums(leaves: Sequence[jax.Array], dtype, pair: Callable,
     y = x.ravel().astype(compute_dtype(x.dtype))
     if jnp.iscomplexobj(y):
       y = jnp.concatenate([y.real, y.imag])
-    group.append(y.astype(dtype))
-    if len(group) == _GROUP:
+    if (len(group) == _GROUP
+        or sum(v.size for v in group) + y.size > _GROUP_SIZE):
       close()
+    group.append(y.astype(dtype))
   close()
   sums = [pair(x) for x in arrays]
   return (sum((q for q, _ in sums[1:]), sums[0][0]),

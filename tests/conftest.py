@@ -35,8 +35,8 @@ def code_path(request, monkeypatch):
 def one_gpu(monkeypatch):
   """What XLA:GPU runs on a single device, run here on CPU.
 
-  Small limits, so that a few small leaves make several groups and larger
-  ones keep their own reduction.
+  Small limits, so that a few small leaves make several groups (by their
+  count and by their size) and larger ones keep their own reduction.
   """
   monkeypatch.setattr(_tactics, "dispatch",
                       lambda cpu, default, *args, cuda=None:
@@ -44,3 +44,4 @@ def one_gpu(monkeypatch):
   monkeypatch.setattr(_tactics, "single_device", lambda: True)
   monkeypatch.setattr(_tactics, "_GROUPED_LIMIT", 40)
   monkeypatch.setattr(_tactics, "_GROUP", 3)
+  monkeypatch.setattr(_tactics, "_GROUP_SIZE", 60)
