@@ -152,3 +152,17 @@ def table(header: list[str], rows: list[list[object]]) -> str:
            "|" + "|".join("---" for _ in header) + "|"]
   lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
   return "\n".join(lines)
+
+
+def best_seconds(f, *args, rounds=20):
+  """The best per-call time over `rounds` rounds of back-to-back calls."""
+  jax.block_until_ready(f(*args))
+  inner = calls_per_round(lambda: f(*args))
+  times = []
+  for _ in range(rounds):
+    t0 = time.perf_counter()
+    for _ in range(inner):
+      out = f(*args)
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - t0) / inner)
+  return min(times)

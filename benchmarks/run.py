@@ -210,20 +210,6 @@ def peak_gbps(kind: str):
   return next((v for k, v in PEAK_GBPS.items() if kind.startswith(k)), None)
 
 
-def _best_seconds(f, *args, rounds=20):
-  """The best per-call time over `rounds` rounds of back-to-back calls."""
-  jax.block_until_ready(f(*args))
-  inner = _harness.calls_per_round(lambda: f(*args))
-  times = []
-  for _ in range(rounds):
-    t0 = time.perf_counter()
-    for _ in range(inner):
-      out = f(*args)
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - t0) / inner)
-  return min(times)
-
-
 def norm_bandwidth(quick):
   """Achieved read bandwidth of the global-norm pass, in GB/s.
 
@@ -249,7 +235,7 @@ def norm_bandwidth(quick):
       ours = jax.jit(lambda t: _numerics.global_norm(jax.tree.leaves(t)).value)
       theirs = jax.jit(optax.global_norm)
       plain = jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32))
-      gbps = {name: nbytes / _best_seconds(f, arg) / 1e9 for name, f, arg in
+      gbps = {name: nbytes / _harness.best_seconds(f, arg) / 1e9 for name, f, arg in
               (("clipkit", ours, tree), ("optax", theirs, tree),
                ("plain_sum", plain, flat))}
       peak = peak_gbps(kind)

@@ -13,11 +13,12 @@ Guarantees, on every backend:
   exactly, so finite updates of any size keep their direction and are never
   scaled to zero or NaN.
 - **No control flow on data.** The choice is a `jnp.where`. On GPU and TPU
-  both sums are reduced in one read of each leaf, in the leaf's own shape and
-  layout, and the update is straight-line code: no device-to-host sync. On a
-  single GPU, the global norm reduces small leaves together. XLA:CPU runs a
-  second sum at a cost, so there it runs only when the first overflowed;
-  these and the other platforms' tactics live in `_tactics`.
+  both sums are reduced in one read of each leaf, and the update is
+  straight-line code: no device-to-host sync. Each leaf is read in its own
+  shape and layout, except that on a single CUDA GPU the global norm
+  reduces small leaves together. XLA:CPU runs a second sum at a cost, so
+  there it runs only when the first overflowed. The platforms' tactics live
+  in `_tactics`.
 - **Non-finite input passes through.** A NaN or Inf makes the norm non-finite,
   and the factors are then exactly one.
 - **Invalid thresholds are visible.** A negative or NaN threshold (possible
@@ -73,15 +74,26 @@ def down(dtype) -> jax.Array:
 
 
 def may_overflow(x: jax.Array, dtype) -> bool:
-  """Whether a sum of squares of `x`'s elements can overflow `dtype`."""
+  """Whether a sum of squares of `x`'s elements can overflow `dtype`.
+
+  The squares are taken in `dtype`'s precision at least (`_squares`).
+  """
   largest = float(jnp.finfo(compute_dtype(x.dtype)).max)
   bits = 2 * math.log2(largest) + math.log2(max(x.size, 1))
   return bits >= jnp.finfo(dtype).maxexp
 
 
-def _squares(x: jax.Array, k: jax.Array | None = None) -> jax.Array:
-  """|x * k|**2 elementwise, in x's compute dtype (``k = 1`` if None)."""
-  y = x.astype(compute_dtype(x.dtype))
+def _squares(x: jax.Array, dtype, k: jax.Array | None = None) -> jax.Array:
+  """|x * k|**2 elementwise (``k = 1`` if None).
+
+  In x's compute dtype, or in `dtype`'s precision where that is wider: a
+  float32 leaf summed in float64 is squared in float64, where no finite
+  float32 overflows.
+  """
+  ct = compute_dtype(x.dtype)
+  if jnp.finfo(ct).bits < jnp.finfo(dtype).bits:
+    ct = jnp.dtype(jnp.complex128 if jnp.iscomplexobj(ct.type(0)) else dtype)
+  y = x.astype(ct)
   if k is not None:
     y = y * k.astype(y.dtype)
   if jnp.iscomplexobj(y):
@@ -91,7 +103,7 @@ def _squares(x: jax.Array, k: jax.Array | None = None) -> jax.Array:
 
 def sumsq(x: jax.Array, dtype, k: jax.Array | None = None) -> jax.Array:
   """sum(|x * k|**2) in `dtype` (``k = 1`` if None)."""
-  return jnp.sum(_squares(x, k), dtype=dtype)
+  return jnp.sum(_squares(x, dtype, k), dtype=dtype)
 
 
 def sumsq_pair(x: jax.Array, dtype, k: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -100,11 +112,13 @@ def sumsq_pair(x: jax.Array, dtype, k: jax.Array) -> tuple[jax.Array, jax.Array]
   One variadic reduce rather than two sibling sums, which XLA:GPU fuses into
   a slower kernel with two outputs: on an H200 the norm pass of a 270M
   float32 tree read 3.26 TB/s this way, 2.94-3.09 as two sums, and optax's
-  single sum 3.25 (jax 0.11.2, 2026-11-26; ``docs/numerics.md``).
+  single sum 3.25 (jax 0.11.2, the first run of 2026-11-26;
+  ``docs/numerics.md``).
   """
   zero = jnp.zeros((), dtype)
   return lax.reduce(
-      (_squares(x).astype(dtype), _squares(x, k).astype(dtype)), (zero, zero),
+      (_squares(x, dtype).astype(dtype), _squares(x, dtype, k).astype(dtype)),
+      (zero, zero),
       lambda a, b: (a[0] + b[0], a[1] + b[1]), tuple(range(x.ndim)))
 
 
@@ -147,7 +161,7 @@ def leaf_sums(leaves: Sequence[jax.Array], axis_name: AxisName,
   dtype = norm_dtype(leaves)
   psum = (lambda v: v) if axis_name is None else (
       lambda v: lax.psum(v, axis_name))
-  add = (lambda v: jnp.sum(v)) if total else (lambda v: v)
+  add = jnp.sum if total else (lambda v: v)
 
   def portable(*leaves):
     q, qd = _portable_sums(leaves, dtype)
@@ -158,14 +172,13 @@ def leaf_sums(leaves: Sequence[jax.Array], axis_name: AxisName,
     return add(q), add(qd)
 
   def cuda(*leaves):
-    if not (total and _tactics.single_device()):
+    if not _tactics.single_device():
       return portable(*leaves)
-    q, qd = _tactics.grouped_sums(
-        leaves, dtype, lambda x: sumsq_pair(x, dtype, down(dtype)),
-        compute_dtype)
+    q, qd = _tactics.grouped_sums(leaves, dtype)
     return psum(q), psum(qd)
 
-  return _tactics.dispatch(cpu, portable, *leaves, cuda=cuda)
+  return _tactics.dispatch(cpu, portable, *leaves,
+                           cuda=cuda if total else None)
 
 
 def _in_range(q: jax.Array) -> jax.Array:

@@ -1,9 +1,10 @@
 """Per-platform tactics for XLA:CPU and XLA:GPU, each gated and measured.
 
-Each function here runs only where `dispatch` selects its platform's branch;
-TPU, and GPU with several devices, run the portable code in `_numerics` and
-`_value`, each leaf in its own shape. A tactic stays only while it pays on
-its platform.
+Each function here runs only where `dispatch` selects its platform's branch.
+Everything else runs the portable code in `_numerics` and `_value`, each leaf
+in its own shape: TPU, ROCm GPUs, CUDA GPUs among several devices, and a
+single CUDA GPU apart from its global norm. A tactic stays only while it
+pays on its platform.
 
 **XLA:CPU.** Figures: a 2-core x86_64 CPU, jax 0.10.2, optax 0.2.8, trees of
 16.8M parameters (``benchmarks/run.py``), step time against optax's clipper
@@ -32,22 +33,27 @@ in the same chain, interleaved in one process.
    multi-output loop several times slower: a step of `value` alone took
    4.4x `optax.clip`'s time fused, 1.6x apart (2026-11-21).
 
-**XLA:GPU.** Figures: one NVIDIA H200, jax 0.11.2, optax 0.2.8, float32
-trees, both ways side by side in one process (``benchmarks/grouped_norm.py``).
+**XLA:GPU (CUDA).** Figures: one NVIDIA H200, jax 0.11.2, optax 0.2.8,
+float32 trees, both ways side by side in one process (the comparison of
+``benchmarks/grouped_norm.py``).
 
 5. **Small leaves are reduced together for the global norm**
-   (`grouped_sums`), on a single device. XLA:GPU reduces each leaf in a
-   kernel of its own (two for a large one), and a 16M-parameter step is
-   bound by kernel launches, not by memory. A global-norm + AdamW step took
-   1.23x AdamW's time (a transformer's 34 leaves) and 1.25x (64 leaves) with
-   a reduction per leaf; 1.07x and 1.06x grouped, where optax's clipper took
-   1.14x and 1.16x. The norm pass read 1.0 TB/s against 0.67 (34 leaves) and
-   0.66 against 0.28 (64 leaves) (2026-11-26). XLA fuses the concatenation
-   into the reduction rather than copying, but such a reduction reads a
-   large leaf at about half the bandwidth of its own kernel: with every leaf
-   of a 270M-parameter tree in it, 1.5-2.6 TB/s against 3.1. Leaves of
-   `_GROUPED_LIMIT` elements or more therefore keep their own reduction;
-   that tree then read 3.5 TB/s, against 3.2 per leaf.
+   (`grouped_sums`), on a single device. XLA:GPU reduces each
+   leaf in a kernel of its own (two for a large one), and a 16M-parameter
+   step is bound by kernel launches, not by memory. A global-norm + AdamW
+   step took 1.23x AdamW's time (a transformer's 34 leaves) and 1.25x (64
+   leaves) with a reduction per leaf; 1.07x and 1.06x grouped, where optax's
+   clipper took 1.14x and 1.16x. The norm pass read 1.0 TB/s against 0.67
+   (34 leaves) and 0.66 against 0.28 (64 leaves) (2026-11-26). XLA fuses the
+   concatenation into the reduction rather than copying, but such a
+   reduction reads a large leaf at about half the bandwidth of its own
+   kernel: with every leaf of a 270M-parameter tree in it, 1.5-2.6 TB/s
+   against 3.1 (an earlier run the same day). Leaves of `_GROUPED_LIMIT`
+   elements or more therefore keep their own reduction; that tree then read
+   3.5 TB/s, against 3.2 per leaf. These figures are float32: the norm pass
+   of a bfloat16 tree of 16M parameters (34 MB) read 0.19-0.53 TB/s grouped,
+   0.17-0.42 per leaf and 0.17-0.44 for optax's, too short a pass to time
+   the memory; at 270M, 2.7 TB/s grouped against 2.45 per leaf.
 """
 
 from __future__ import annotations
@@ -65,12 +71,12 @@ from optax_clipkit import _numerics
 
 def dispatch(cpu: Callable, default: Callable, *args,
              cuda: Callable | None = None):
-  """``cpu(*args)`` on XLA:CPU, ``cuda(*args)`` on XLA:GPU, else ``default``.
+  """``cpu(*args)`` on XLA:CPU, ``cuda(*args)`` on CUDA GPUs, else ``default``.
 
   The one switch between the platforms' tactics and the portable code
-  (`default`, also on a GPU where `cuda` is None). Chosen when the
-  computation is lowered for its platform, so no platform sees another's
-  branch.
+  (`default`, also on CUDA GPUs where `cuda` is None). Chosen when the
+  computation is lowered for its platform, so no platform runs another's
+  branch (every branch is traced).
   """
   branches = {"cpu": cpu} if cuda is None else {"cpu": cpu, "cuda": cuda}
   return lax.platform_dependent(*args, default=default, **branches)
@@ -103,6 +109,15 @@ class Packed(NamedTuple):
   segment: np.ndarray
 
 
+def _flat_real(x: jax.Array, dtype) -> jax.Array:
+  """`x`'s elements as a vector of `dtype`, complex ones as real then
+  imaginary parts."""
+  y = x.ravel()
+  if jnp.iscomplexobj(y):
+    y = jnp.concatenate([y.real, y.imag])
+  return y.astype(dtype)
+
+
 def pack_small(leaves: Sequence[jax.Array], dtype) -> Packed | None:
   """Packs the small leaves of `leaves` as `dtype`, if there are several.
 
@@ -115,13 +130,11 @@ def pack_small(leaves: Sequence[jax.Array], dtype) -> Packed | None:
     if x.size < _SMALL and total + x.size <= _PACK_LIMIT:
       index.append(i)
       total += x.size
-      y = x.ravel()
-      parts.append(jnp.concatenate([y.real, y.imag]) if jnp.iscomplexobj(y)
-                   else y)
+      parts.append(_flat_real(x, dtype))
   if len(index) < 2:
     return None
   sizes = [p.size for p in parts]
-  data = jnp.concatenate([p.astype(dtype) for p in parts])
+  data = jnp.concatenate(parts)
   # The barrier keeps XLA from fusing the concatenation into its reductions.
   return Packed(tuple(index), lax.optimization_barrier(data),
                 np.repeat(np.arange(len(sizes)), sizes))
@@ -183,21 +196,21 @@ def apart(f: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
 
 _GROUPED_LIMIT = 1 << 21  # Leaves this large keep their own reduction ...
 _GROUP = 64  # ... the others are reduced together, this many at a time ...
-_GROUP_SIZE = 1 << 24  # ... and at most this many elements: a copy, were
-# XLA ever not to fuse the concatenation, stays within 64 MB of float32.
+_GROUP_SIZE = 1 << 24  # ... and at most this many elements (a leaf over it,
+# possible only with a limit above half of it, would be a group alone): a
+# copy, were XLA ever not to fuse the concatenation, stays within 64 MB.
 
 
-def grouped_sums(leaves: Sequence[jax.Array], dtype, pair: Callable,
-                 compute_dtype: Callable) -> tuple[jax.Array, jax.Array]:
-  """Sums of squares of all `leaves` together, as ``pair`` gives per array.
+def grouped_sums(leaves: Sequence[jax.Array], dtype
+                 ) -> tuple[jax.Array, jax.Array]:
+  """Sums of squares of all `leaves` together, plain and scaled down.
 
-  ``pair(x)`` returns ``x``'s two sums (plain and scaled down) in `dtype`.
-  Leaves under `_GROUPED_LIMIT` elements are flattened and concatenated, up
-  to `_GROUP` leaves and `_GROUP_SIZE` elements at a time, in their compute
-  dtype (complex leaves as their real and imaginary parts), and each
-  concatenation is one reduction, into which XLA fuses the concatenation.
-  Only on a single device: concatenating leaves sharded apart would gather
-  them.
+  As `_numerics.sumsq_pair` gives them, in `dtype`. Leaves under
+  `_GROUPED_LIMIT` elements are flattened and concatenated (complex leaves
+  as their real and imaginary parts), up to `_GROUP` leaves and
+  `_GROUP_SIZE` elements at a time, and each concatenation is one
+  reduction, into which XLA fuses the concatenation. Only on a single
+  device: concatenating leaves sharded apart would gather them.
   """
   arrays, group = [], []
 
@@ -210,14 +223,13 @@ def grouped_sums(leaves: Sequence[jax.Array], dtype, pair: Callable,
     if x.size >= _GROUPED_LIMIT:
       arrays.append(x)
       continue
-    y = x.ravel().astype(compute_dtype(x.dtype))
-    if jnp.iscomplexobj(y):
-      y = jnp.concatenate([y.real, y.imag])
+    y = _flat_real(x, dtype)
     if (len(group) == _GROUP
         or sum(v.size for v in group) + y.size > _GROUP_SIZE):
       close()
-    group.append(y.astype(dtype))
+    group.append(y)
   close()
-  sums = [pair(x) for x in arrays]
+  k = _numerics.down(dtype)
+  sums = [_numerics.sumsq_pair(x, dtype, k) for x in arrays]
   return (sum((q for q, _ in sums[1:]), sums[0][0]),
           sum((qd for _, qd in sums[1:]), sums[0][1]))

@@ -55,7 +55,6 @@ def test_exploding_one_task(monkeypatch):
   assert "median / worst" not in exploding.table(rows)  # No exploding task.
 
 
-@pytest.mark.slow
 def test_grouped_norm_quick():
   proc = subprocess.run(
       [sys.executable, str(BENCHMARKS / "grouped_norm.py"), "--quick"],

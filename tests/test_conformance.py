@@ -14,6 +14,7 @@ from jax import export
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import optax_clipkit as clipkit
+from optax_clipkit import _tactics
 
 def per_module(max_norm):
   # Leaves not under "nested" are one global-norm group; the rest go to the
@@ -285,10 +286,11 @@ def test_no_data_dependent_control_flow_on_accelerators(name, platform):
   assert data_dependent_control_flow(mlir) == []
 
 
-def test_grouped_global_norm_lowers_to_few_reductions(one_gpu):
-  # One reduction per group of small leaves, one per large leaf (each with
-  # two accumulators), and no control flow on data.
-  g = [jnp.ones((i + 1,)) for i in range(7)] + [jnp.ones((8, 8))]
+def test_grouped_global_norm_lowers_to_few_reductions(small_groups):
+  # One reduction (of two accumulators) per group of small leaves, closed at
+  # 3 leaves or 60 elements: [1, 2, 3], [4, 30], [30, 30]; one per large
+  # leaf; no control flow on data.
+  g = [jnp.ones((n,)) for n in (1, 2, 3, 4, 30, 30, 30)] + [jnp.ones((8, 8))]
   tx = clipkit.adaptive()
   f = jax.jit(lambda g, s: tx.update(g, s, g))
   mlir = export.export(f, platforms=["cuda"])(g, tx.init(g)).mlir_module()
@@ -296,6 +298,19 @@ def test_grouped_global_norm_lowers_to_few_reductions(one_gpu):
   tx = clipkit.global_norm(1.0)
   text = jax.jit(tx.update).lower(g, tx.init(g)).as_text()
   assert text.count("stablehlo.reduce") == 4, text.count("stablehlo.reduce")
+
+
+def test_one_gpu_lowers_the_grouped_norm_for_cuda(monkeypatch):
+  # The real switch, lowered for CUDA from this host, as on a single GPU:
+  # one reduction for all the small leaves, and no CPU branch in it.
+  monkeypatch.setattr(_tactics, "single_device", lambda: True)
+  g = [jnp.ones((n,)) for n in (1, 2, 3, 4, 30)] + [jnp.ones((8, 8))]
+  tx = clipkit.global_norm(1.0)
+  mlir = export.export(jax.jit(tx.update), platforms=["cuda"])(
+      g, tx.init(g)).mlir_module()
+  assert data_dependent_control_flow(mlir) == []
+  assert mlir.count("stablehlo.reduce") == 1, mlir.count("stablehlo.reduce")
+  assert mlir.count("stablehlo.concatenate") == 1
 
 
 @pytest.mark.parametrize("name", NAMES)

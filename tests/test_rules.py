@@ -200,7 +200,7 @@ def test_complex_leaves_match_numpy(factory, code_path):
 @pytest.mark.skipif(jax.default_backend() != "cpu",
                     reason="an XLA:CPU tactic; other backends never lower it")
 def test_small_leaves_compile_to_few_reductions_on_cpu(factory, monkeypatch):
-  # XLA:CPU compiles many small code_path slowly: on a single CPU device
+  # XLA:CPU compiles many small reductions slowly: on a single CPU device
   # small leaves are packed and reduced together.
   g = [jnp.ones((i + 1,)) for i in range(40)] + [jnp.ones((64, 128))]
 
@@ -215,6 +215,13 @@ def test_small_leaves_compile_to_few_reductions_on_cpu(factory, monkeypatch):
   assert packed <= 12, packed
 
 
+@pytest.fixture(params=["small_groups", "portable"])
+def global_norm_path(request):
+  """A single GPU's grouped global norm (with small limits, so that groups
+  split) and the per-leaf one of TPU and several GPUs."""
+  return request.getfixturevalue(request.param)
+
+
 @settings(max_examples=30, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(hnp.arrays(np.float32,
@@ -222,7 +229,7 @@ def test_small_leaves_compile_to_few_reductions_on_cpu(factory, monkeypatch):
                                             max_side=7),
                            elements=finite), min_size=1, max_size=9),
        thresholds)
-def test_grouped_global_norm_matches_numpy(one_gpu, leaves, c):
+def test_global_norm_paths_match_numpy(global_norm_path, leaves, c):
   out, state = apply(clipkit.global_norm(c), leaves)
   ref, norm = np_global(leaves, c)
   np.testing.assert_allclose(state.grad_norm, norm, rtol=1e-5, atol=1e-30)
@@ -233,7 +240,7 @@ def test_grouped_global_norm_matches_numpy(one_gpu, leaves, c):
 @pytest.mark.parametrize("dtype,value", [
     (jnp.float32, 3e38), (jnp.float32, 1e20), (jnp.bfloat16, 3e38),
     (jnp.float16, 100.0), (jnp.float32, 1.0)])
-def test_grouped_global_norm_survives_overflow(one_gpu, dtype, value):
+def test_grouped_global_norm_survives_overflow(small_groups, dtype, value):
   # Leaves in groups, alone, complex, empty, and the guarantees of
   # `_numerics`: finite updates keep their direction at any size.
   x = np.linspace(0.5, 1.0, 100) * value
@@ -256,6 +263,50 @@ def test_grouped_global_norm_survives_overflow(one_gpu, dtype, value):
       g, clipkit.global_norm(1.0).init(g))
   assert np.isnan(state.grad_norm)
   chex.assert_trees_all_equal(out, g)
+
+
+def _x64():
+  # `jax.enable_x64` from jax 0.8 on; the experimental one before.
+  enable = getattr(jax, "enable_x64", None)
+  if enable is not None:
+    return enable(True)
+  from jax.experimental import enable_x64  # pylint: disable=g-import-not-at-top
+  return enable_x64()
+
+
+def check_float32_beside_float64(factory):
+  # Summed in float64, a float32 leaf must be squared in float64 too: its
+  # squares overflow float32 above about 1.8e19.
+  with _x64():
+    g = {"d": jnp.ones((3,), jnp.float64),
+         "w": jnp.full((50,), 1e20, jnp.float32),
+         "s": jnp.full((5,), -1e20, jnp.float32)}
+    tx = factory(1.0)
+    out, state = jax.jit(tx.update)(g, tx.init(g))
+    out = {k: np.asarray(v, np.float64) for k, v in out.items()}
+  norms = {k: np.linalg.norm(np.asarray(v, np.float64)) for k, v in g.items()}
+  if factory is clipkit.global_norm:
+    total = np.sqrt(sum(n ** 2 for n in norms.values()))
+    np.testing.assert_allclose(state.grad_norm, total, rtol=1e-6)
+    scales = {k: 1.0 / total for k in g}
+  else:
+    scales = {k: min(1.0, 1.0 / n) for k, n in norms.items()}
+  for k in g:
+    np.testing.assert_allclose(out[k], np.asarray(g[k], np.float64) * scales[k],
+                               rtol=1e-6)
+
+
+@pytest.mark.parametrize("factory", [clipkit.global_norm,
+                                     clipkit.per_leaf_norm])
+def test_large_float32_leaves_beside_float64_ones(factory, code_path):
+  check_float32_beside_float64(factory)
+
+
+@pytest.mark.parametrize("factory", [clipkit.global_norm,
+                                     clipkit.per_leaf_norm])
+def test_large_float32_leaves_beside_float64_ones_elsewhere(
+    factory, global_norm_path):
+  check_float32_beside_float64(factory)
 
 
 @pytest.mark.parametrize("factory,arg", [(clipkit.global_norm, 1.0),
