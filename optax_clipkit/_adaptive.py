@@ -52,7 +52,7 @@ _FAST, _SLOW, _RISE, _LAG = 0.9, 0.99, 1.0, 10
 # A sustained rise: the trend of the loss estimate over a slow EMA (decay
 # `_SUSTAINED_DECAY`) above `_SUSTAINED`. Cuts may then take the threshold
 # below its floor, down to `_BELOW` times the (geometric) mean norm.
-_SUSTAINED_DECAY, _SUSTAINED, _BELOW = 0.99, 0.1, 0.2
+_SUSTAINED_DECAY, _SUSTAINED, _BELOW = 0.99, 0.1, 0.05
 
 # Values of `clip_cause`.
 NONE, START, OVERSHOOT, SPIKE, CEILING = 0.0, 1.0, 2.0, 3.0, 4.0
@@ -320,11 +320,11 @@ def adaptive(
   :math:`\lambda_t = \log c_1`, where the controller started, unless the
   rise is *sustained*: the same trend over a slow EMA (decay 0.99),
   :math:`T^{\text{slow}}_t`, exceeds 0.1. Then it stops at
-  :math:`\lambda_t = \min(\log c_1, \mu_{t-1} + \log \tfrac15)`, a fifth of
-  the (geometric) mean norm, so that a run whose norms have fallen far
-  below the first can be clipped on most steps, not on its largest norms
-  only. Finally :math:`c_t` is raised to at least
-  :math:`\min(c_1, e^{\mu_{t-1}} / 5)`. Its threshold is :math:`c_t`, or
+  :math:`\lambda_t = \min(\log c_1, \mu_{t-1} + \log \tfrac1{20})`, a
+  twentieth of the (geometric) mean norm, so that a run whose norms stay
+  far above the floor, or have fallen far below it, can still be cut to a
+  smaller step. Finally :math:`c_t` is raised to at least
+  :math:`\min(c_1, e^{\mu_{t-1}} / 20)`. Its threshold is :math:`c_t`, or
   :math:`\infty` (released) once :math:`\log c_t \ge \mu_{t-1} + \log R`.
 
   **The loss, when passed** (``tx.update(g, state, params, loss=loss)``, the
