@@ -230,7 +230,9 @@ def trace_table(task, tr):
   return "\n".join(lines)
 
 
-def study(steps, seeds, quick=False):
+def study(steps, seeds, quick=False, only=None):
+  """The study's cells; `only`, if given, a cell ("task / optimizer") or a
+  task name."""
   design = adaptive_tasks.design(steps)
   held = adaptive_tasks.held_out(steps)
   if quick:
@@ -242,6 +244,8 @@ def study(steps, seeds, quick=False):
       for opt in OPTIMIZERS[:1] if quick else OPTIMIZERS:
         t0 = time.perf_counter()
         key = f"{tname} / {opt}"
+        if only is not None and only not in (key, tname):
+          continue
         cell, tr = run_cell(task, opt, seeds, STRATEGIES)
         raw[key] = cell
         if not task.exploding:
@@ -269,16 +273,28 @@ def main():
                       help="3 tasks with SGD, 60 steps, 2 seeds: a smoke run")
   parser.add_argument("--json", default=None,
                       help=f"where to write the results (default {RESULTS};"
-                      " --quick writes nothing unless given)")
+                      " --quick, --only and --seeds write nothing unless"
+                      " given)")
   parser.add_argument("--first-seed", type=int, default=0,
                       help="seeds are first-seed, first-seed + 1, ...")
+  parser.add_argument("--seeds", type=int, default=None,
+                      help="seeds per cell (default 10; 2 with --quick)")
+  parser.add_argument("--only", default=None,
+                      help='one cell ("adding-lstm / sgd") or one task')
   args = parser.parse_args()
   global FIRST_SEED
   FIRST_SEED = args.first_seed
   steps, seeds = (60, 2) if args.quick else (400, 10)
+  if args.seeds is not None:
+    if args.seeds < 1:
+      parser.error(f"--seeds must be at least 1, got {args.seeds}")
+    seeds = args.seeds
   t0 = time.perf_counter()
   with jax.numpy_dtype_promotion("standard"):
-    scores, raw, fractions, traces = study(steps, seeds, args.quick)
+    scores, raw, fractions, traces = study(steps, seeds, args.quick,
+                                           args.only)
+  if not scores:
+    parser.error(f"--only: no cell or task named {args.only!r}")
   g = goals(scores, fractions)
   g_loss = goals(scores, {}, "adaptive(), loss=")
   print(f"\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {machine()};"
@@ -295,7 +311,8 @@ def main():
         print(f"  {k}: {'met' if ok else 'MISSED'} ({why})")
   for key, text in traces.items():
     print(f"\nTrace of adaptive() on {key}:\n{text}")
-  path = args.json or (None if args.quick else RESULTS)
+  partial = args.quick or args.only is not None or args.seeds is not None
+  path = args.json or (None if partial else RESULTS)
   if path:
     with open(path, "w") as f:
       json.dump({"machine": machine(), "steps": steps, "seeds": seeds,

@@ -79,6 +79,27 @@ def test_exploding_rejects_no_seeds():
       proc.stderr)
 
 
+def test_study_rejects_no_seeds_and_unknown_cells():
+  script = str(BENCHMARKS / "adaptive_study.py")
+  proc = subprocess.run([sys.executable, script, "--seeds", "0"],
+                        capture_output=True, text=True, timeout=300,
+                        check=False)
+  assert proc.returncode != 0 and "--seeds must be at least 1, got 0" in (
+      proc.stderr)
+  proc = subprocess.run([sys.executable, script, "--only", "no-such-task"],
+                        capture_output=True, text=True, timeout=300,
+                        check=False)
+  assert proc.returncode != 0 and "no cell or task named" in proc.stderr
+
+
+def test_long_healthy_quick():
+  proc = subprocess.run(
+      [sys.executable, str(BENCHMARKS / "long_healthy.py"), "--quick"],
+      capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "| regression-std / sgd |" in proc.stdout
+
+
 def test_docs_page_matches_the_results():
   proc = subprocess.run(
       [sys.executable, str(BENCHMARKS / "make_docs.py"), "--check"],
