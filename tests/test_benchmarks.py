@@ -55,20 +55,22 @@ def test_exploding_one_task(monkeypatch):
   assert "median / worst" not in exploding.table(rows)  # No exploding task.
 
 
-def test_grouped_norm_quick():
+def smoke(script):
+  """The output of ``script --quick``, which must succeed."""
   proc = subprocess.run(
-      [sys.executable, str(BENCHMARKS / "grouped_norm.py"), "--quick"],
+      [sys.executable, str(BENCHMARKS / script), "--quick"],
       capture_output=True, text=True, timeout=600, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "global_norm, per leaf" in proc.stdout
+  return proc.stdout
+
+
+def test_grouped_norm_quick():
+  assert "global_norm, per leaf" in smoke("grouped_norm.py")
 
 
 def test_estimate_bias_quick():
-  proc = subprocess.run(
-      [sys.executable, str(BENCHMARKS / "estimate_bias.py"), "--quick"],
-      capture_output=True, text=True, timeout=300, check=False)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "| 100-200 |" in proc.stdout and "corrected estimate" in proc.stdout
+  stdout = smoke("estimate_bias.py")
+  assert "| 100-200 |" in stdout and "corrected estimate" in stdout
 
 
 def test_exploding_rejects_no_seeds():
@@ -93,11 +95,7 @@ def test_study_rejects_no_seeds_and_unknown_cells():
 
 
 def test_long_healthy_quick():
-  proc = subprocess.run(
-      [sys.executable, str(BENCHMARKS / "long_healthy.py"), "--quick"],
-      capture_output=True, text=True, timeout=300, check=False)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "| regression-std / sgd |" in proc.stdout
+  assert "| regression-std / sgd |" in smoke("long_healthy.py")
 
 
 def test_docs_page_matches_the_results():
