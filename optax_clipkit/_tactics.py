@@ -219,15 +219,17 @@ def grouped_sums(leaves: Sequence[jax.Array], dtype
       arrays.append(group[0] if len(group) == 1 else jnp.concatenate(group))
       group.clear()
 
+  size = 0  # Elements in `group`.
   for x in leaves:
     if x.size >= _GROUPED_LIMIT:
       arrays.append(x)
       continue
     y = _flat_real(x, dtype)
-    if (len(group) == _GROUP
-        or sum(v.size for v in group) + y.size > _GROUP_SIZE):
+    if len(group) == _GROUP or size + y.size > _GROUP_SIZE:
       close()
+      size = 0
     group.append(y)
+    size += y.size
   close()
   k = _numerics.down(dtype)
   sums = [_numerics.sumsq_pair(x, dtype, k) for x in arrays]
