@@ -1,16 +1,20 @@
 """How far `adaptive()`'s loss estimate is from the true change of the loss.
 
-Trains one task with `adaptive()` and records, every step, the parameters,
+Trains one task with `adaptive()` (or ``--no-clipping``) and records, every step, the parameters,
 the minibatch gradient and the held-out loss. Then, over whole vectors and
 in float64 (the rule reads a subset in float32), it forms the rule's
 estimate of the loss change (the trapezoid rule, plain and less the step's
-own minibatch noise: see `adaptive`'s docstring) and compares its mean with
+own minibatch noise as the rule estimates it, from the product of two
+consecutive gradients: see `adaptive`'s docstring), the same less an
+alternative estimate of that noise (the projection: half the squared
+difference of two consecutive gradients, less its part along the last
+step; see docs/adaptive.md), and compares their means with
 the observed change of the held-out loss, both divided by the mean of
 ``|a| + |b|``, the scale of the rule's trend. A trend that reads a rise
 where the loss is flat is a bias of the estimate, not a rise.
 
 Run: ``python benchmarks/estimate_bias.py [--task control] [--optimizer
-adam] [--steps 2000] [--seed 0] [--quick]``; ``--task`` is ``control`` (the
+adam] [--steps 2000] [--seed 0] [--no-clipping] [--quick]``; ``--task`` is ``control`` (the
 regression with standardised targets of ``benchmarks/exploding.py``, with
 its learning rates) or a task of ``benchmarks/adaptive_study.py``.
 """
@@ -36,9 +40,13 @@ import tasks
 import optax_clipkit as clipkit
 
 
-def record(task, opt, seed: int):
-  """Parameters, gradients and held-out losses of every step (float64)."""
-  tx = optax.chain(clipkit.adaptive(), opt)
+def record(task, opt, seed: int, clip: bool = True):
+  """Parameters, gradients and held-out losses of every step (float64).
+
+  Trained with `adaptive()` before `opt`, or with `opt` alone (`clip`
+  False): the estimates are the same functions of the run either way.
+  """
+  tx = optax.chain(clipkit.adaptive(), opt) if clip else opt
 
   def record_step(params, grads, state):
     del state
@@ -51,8 +59,9 @@ def record(task, opt, seed: int):
 
 
 def changes(p, g, loss):
-  """Per step t >= 3: the observed change, the plain and corrected estimates,
-  and the scale |a| + |b|."""
+  """Per step t >= 3: the observed change, the plain estimate, the estimate
+  less the product's noise (the rule's) and less the projection's, and the
+  scale |a| + |b|."""
   rows = []
   for t in range(3, len(loss)):
     d, d1 = p[t] - p[t - 1], p[t - 1] - p[t - 2]
@@ -60,24 +69,26 @@ def changes(p, g, loss):
     a, b = -g1 @ d, g[t] @ d
     # Least squares: d ~ beta * d1 - eta * g1.
     (_, eta), *_ = np.linalg.lstsq(np.stack([d1, -g1], 1), d, rcond=None)
-    noise = max(eta, 0.0) * (g1 @ g1 - max(g1 @ g2, 0.0))
-    rows.append((loss[t] - loss[t - 1], (b - a) / 2, (b - a + noise) / 2,
-                 abs(a) + abs(b)))
+    eta = max(eta, 0.0)
+    product = eta * (g1 @ g1 - max(g1 @ g2, 0.0))
+    dg = g1 - g2
+    projection = eta * max(dg @ dg - (dg @ d1) ** 2 / (d1 @ d1), 0.0) / 2
+    rows.append((loss[t] - loss[t - 1], (b - a) / 2, (b - a + product) / 2,
+                 (b - a + projection) / 2, abs(a) + abs(b)))
   return np.array(rows)
 
 
 def report(rows, loss, windows) -> str:
-  out = ["| steps | held-out loss | observed | plain estimate | corrected"
-         " estimate |", "|---|---|---|---|---|"]
+  out = ["| steps | held-out loss | observed | plain estimate | less the"
+         " product | less the projection |", "|---|---|---|---|---|---|"]
   for lo, hi in windows:
     w = rows[lo - 3:hi - 3]
     if not len(w):
       continue
-    scale = w[:, 3].mean() / 2  # The estimates are (b - a) / 2.
-    out.append(f"| {lo}-{hi} | {loss[lo]:.3g} to {loss[hi - 1]:.3g} |"
-               f" {w[:, 0].mean() / scale:+.3f} |"
-               f" {w[:, 1].mean() / scale:+.3f} | {w[:, 2].mean() / scale:+.3f}"
-               " |")
+    scale = w[:, 4].mean() / 2  # The estimates are (b - a) / 2.
+    out.append(f"| {lo}-{hi} | {loss[lo]:.3g} to {loss[hi - 1]:.3g} | "
+               + " | ".join(f"{w[:, i].mean() / scale:+.3f}" for i in range(4))
+               + " |")
   return "\n".join(out)
 
 
@@ -89,6 +100,8 @@ def main():
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--quick", action="store_true",
                       help="200 steps: a smoke run")
+  parser.add_argument("--no-clipping", action="store_true",
+                      help="train with the optimizer alone")
   args = parser.parse_args()
   steps = 200 if args.quick else args.steps
   if args.task == "control":
@@ -102,12 +115,14 @@ def main():
     task = study[args.task]
     opt = adaptive_study.optimizer(task, args.optimizer)
   with jax.numpy_dtype_promotion("standard"):
-    p, g, loss = record(task, opt, args.seed)
+    p, g, loss = record(task, opt, args.seed, clip=not args.no_clipping)
   rows = changes(p, g, loss)
   edges = [3, 50, 100, 200] + list(range(300, steps + 1, 300))
   windows = [(lo, hi) for lo, hi in zip(edges, edges[1:] + [steps])
              if lo < hi]
-  print(f"{args.task} / {args.optimizer}, seed {args.seed}, {steps} steps:"
+  trained = "no clipping" if args.no_clipping else "adaptive()"
+  print(f"{args.task} / {args.optimizer} with {trained}, seed {args.seed},"
+        f" {steps} steps:"
         " mean changes per step over each window, divided by half the mean"
         " |a| + |b| (the trend's scale)\n")
   print(report(rows, loss, windows))

@@ -70,7 +70,7 @@ def test_grouped_norm_quick():
 
 def test_estimate_bias_quick():
   stdout = smoke("estimate_bias.py")
-  assert "| 100-200 |" in stdout and "corrected estimate" in stdout
+  assert "| 100-200 |" in stdout and "less the projection" in stdout
 
 
 def test_exploding_rejects_no_seeds():
