@@ -1,7 +1,8 @@
 """How far `adaptive()`'s loss estimate is from the true change of the loss.
 
-Trains one task with `adaptive()` (or ``--no-clipping``) and records, every step, the parameters,
-the minibatch gradient and the held-out loss. Then, over whole vectors and
+Trains one task with `adaptive()` (or, with ``--no-clipping``, without it)
+and records, every step, the parameters, the minibatch gradient and the
+held-out loss. Then, over whole vectors and
 in float64 (the rule reads a subset in float32), it forms the rule's
 estimate of the loss change (the trapezoid rule, plain and less the step's
 own minibatch noise as the rule estimates it, from the product of two
@@ -14,9 +15,10 @@ the observed change of the held-out loss, both divided by the mean of
 where the loss is flat is a bias of the estimate, not a rise.
 
 Run: ``python benchmarks/estimate_bias.py [--task control] [--optimizer
-adam] [--steps 2000] [--seed 0] [--no-clipping] [--quick]``; ``--task`` is ``control`` (the
-regression with standardised targets of ``benchmarks/exploding.py``, with
-its learning rates) or a task of ``benchmarks/adaptive_study.py``.
+adam] [--steps 2000] [--seed 0] [--no-clipping] [--quick]``; ``--task`` is
+``control`` (the regression with standardised targets of
+``benchmarks/exploding.py``, with its learning rates) or a task of
+``benchmarks/adaptive_study.py``.
 """
 
 from __future__ import annotations
@@ -72,7 +74,8 @@ def changes(p, g, loss):
     eta = max(eta, 0.0)
     product = eta * (g1 @ g1 - max(g1 @ g2, 0.0))
     dg = g1 - g2
-    projection = eta * max(dg @ dg - (dg @ d1) ** 2 / (d1 @ d1), 0.0) / 2
+    along = (dg @ d1) ** 2 / max(d1 @ d1, np.finfo(np.float64).tiny)
+    projection = eta * max(dg @ dg - along, 0.0) / 2
     rows.append((loss[t] - loss[t - 1], (b - a) / 2, (b - a + product) / 2,
                  (b - a + projection) / 2, abs(a) + abs(b)))
   return np.array(rows)

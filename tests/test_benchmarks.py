@@ -55,10 +55,10 @@ def test_exploding_one_task(monkeypatch):
   assert "median / worst" not in exploding.table(rows)  # No exploding task.
 
 
-def smoke(script):
-  """The output of ``script --quick``, which must succeed."""
+def smoke(script, *args):
+  """The output of ``script --quick [args]``, which must succeed."""
   proc = subprocess.run(
-      [sys.executable, str(BENCHMARKS / script), "--quick"],
+      [sys.executable, str(BENCHMARKS / script), "--quick", *args],
       capture_output=True, text=True, timeout=600, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc.stdout
@@ -71,6 +71,8 @@ def test_grouped_norm_quick():
 def test_estimate_bias_quick():
   stdout = smoke("estimate_bias.py")
   assert "| 100-200 |" in stdout and "less the projection" in stdout
+  assert "with adaptive()" in stdout
+  assert "with no clipping" in smoke("estimate_bias.py", "--no-clipping")
 
 
 def test_exploding_rejects_no_seeds():
