@@ -11,10 +11,10 @@ the step taken, :math:`d_t = \\theta_t - \\theta_{t-1}`, and the gradients at
 both ends, by the trapezoid rule
 :math:`\\Delta L_t \\approx \\tfrac12 (g_{t-1} + g_t) \\cdot d_t` (exact on a
 quadratic), less the minibatch noise that the step's own gradient puts into
-it (estimated from a fit of the step to the last step and gradient, and from
-two independent minibatch gradients). The dot products run over a fixed
-strided subset of coordinates
-of every leaf (at most `coordinates` in all), weighted by each leaf's size
+it (estimated from a fit of the step to the last step and gradient, and, in
+two ways that err in different places, from two independent minibatch
+gradients: the lower of the two readings counts). The dot products run over
+a fixed strided subset of coordinates of every leaf (at most `coordinates` in all), weighted by each leaf's size
 over its share, so the estimate is global, cheap, and needs no copy of the
 parameters. The kept coordinates are packed into one vector, so that the dot
 products are one small reduction, not two per leaf: on a GPU each is a
@@ -68,12 +68,14 @@ class AdaptiveState(NamedTuple):
     clip_cause: Why the last updates were clipped: 0 not clipped, 1 the
       loss was rising (the controller's threshold), 2 a norm spike.
     loss_trend: The trend :math:`T_t` in [-1, 1] of the estimated loss
-      changes: below 0 the loss falls, above `trouble` it is rising.
+      changes: below 0 the loss falls, above `trouble` it is rising (the
+      lower of the trends of the two noise estimates).
     log_threshold: The controller's threshold, :math:`\\log c_t`.
     log_floor: Its floor, :math:`\\log c_1`.
     norm_mean: EMA mean of the log norms (after spike capping).
     norm_var: EMA variance of the log norms.
-    trend_sums: EMAs of :math:`\\Delta L` and of its scale (2 floats).
+    trend_sums: EMAs of :math:`\\Delta L` (first row) and of its scale
+      (second row), one column per noise estimate (2 x 2 floats).
     slow_sums: The same over the slow EMA that tells a sustained rise.
     recovering: 1.0 once the loss has been seen rising (slow recovery), else
       0.0 (slow start).
@@ -88,8 +90,10 @@ class AdaptiveState(NamedTuple):
     prev_grads: The gradients' subset coordinates at the last finite step.
     prev_step: The subset coordinates of the step before that one,
       :math:`d_{t-1}`.
-    step_dots: :math:`\\langle g_{t-1}, d_{t-1}\\rangle_S` and
-      :math:`\\langle g_{t-1}, g_{t-2}\\rangle_S` from the last finite step.
+    step_dots: :math:`\\langle g_{t-1}, d_{t-1}\\rangle_S`,
+      :math:`\\langle g_{t-1}, g_{t-2}\\rangle_S`,
+      :math:`\\langle g_{t-2}, d_{t-1}\\rangle_S` and :math:`|g_{t-2}|_S^2`,
+      from the last finite step.
   """
 
   grad_norm: jax.Array
@@ -172,31 +176,48 @@ def _subset(leaves, coordinates: int) -> _Subset:
 
 
 def _self_noise(a, d1d1, g1g1, dd1, step_dots, valid):
-  r"""The minibatch noise that `a` holds through the step's own gradient.
+  r"""Two estimates of the minibatch noise `a` holds through the step.
 
   Fits :math:`d_t \approx \beta d_{t-1} - \eta g_{t-1}` by least squares
   over the subset (exact for SGD with momentum, whatever the clipping; for a
   diagonal preconditioner :math:`P`, :math:`\eta |g|^2 = g^\top P g`), and
-  returns :math:`\eta (|g_{t-1}|^2 - \max(\langle g_{t-1},
-  g_{t-2}\rangle, 0))`: the product of two independent minibatch gradients
-  estimates :math:`|\nabla L|^2` without the noise's :math:`|\xi|^2`. Zero
-  where the fit is ill-posed (fewer than two earlier steps, or
+  returns :math:`\eta` times two estimates of the noise's
+  :math:`|\xi_{t-1}|^2`, each from the two minibatch gradients
+  :math:`g_{t-1}, g_{t-2}` (independent noises), and each holding besides a
+  part of the change of the true gradient over the step :math:`d_{t-1}`:
+
+  - the *product*, :math:`|g_{t-1}|^2 - \max(\langle g_{t-1},
+    g_{t-2}\rangle, 0)`, exact while the true gradient holds still, and
+    reading all of it as noise where it flips (an oscillation across a
+    valley, as at the edge of stability);
+  - the *projection*, :math:`\tfrac12 |\Delta g_\perp|^2` with
+    :math:`\Delta g = g_{t-1} - g_{t-2}` less its component along
+    :math:`d_{t-1}`: blind to a change along the step itself (that
+    oscillation), but short of the noise that :math:`d_{t-1}` carries of
+    :math:`g_{t-2}` (a step made mostly of its own last gradient).
+
+  Zero where the fit is ill-posed (fewer than two earlier steps, or
   :math:`d_{t-1}` and :math:`g_{t-1}` nearly parallel) or not finite.
   `d1d1`, `g1g1` and `dd1` are :math:`|d_{t-1}|^2`, :math:`|g_{t-1}|^2` and
   :math:`\langle d_t, d_{t-1}\rangle`; `step_dots` holds
-  :math:`\langle g_{t-1}, d_{t-1}\rangle` and
-  :math:`\langle g_{t-1}, g_{t-2}\rangle`.
+  :math:`\langle g_{t-1}, d_{t-1}\rangle`,
+  :math:`\langle g_{t-1}, g_{t-2}\rangle`,
+  :math:`\langle g_{t-2}, d_{t-1}\rangle` and :math:`|g_{t-2}|^2`.
   """
-  b1, gg1 = step_dots[0], step_dots[1]
+  b1, gg1, ga1, g2g2 = step_dots[0], step_dots[1], step_dots[2], step_dots[3]
   det = d1d1 * g1g1 - b1 * b1
   ok = valid & (det > 1e-3 * d1d1 * g1g1) & (d1d1 > 0)
   eta = (d1d1 * a + b1 * dd1) / jnp.where(ok, det, 1.0)
-  noise = jnp.maximum(eta, 0.0) * (g1g1 - jnp.maximum(gg1, 0.0))
+  product = g1g1 - jnp.maximum(gg1, 0.0)
+  along = b1 - ga1  # <g_{t-1} - g_{t-2}, d_{t-1}>
+  projection = 0.5 * jnp.maximum(
+      g1g1 - 2 * gg1 + g2g2 - along * along / jnp.where(ok, d1d1, 1.0), 0.0)
+  noise = jnp.maximum(eta, 0.0) * jnp.stack([product, projection])
   return jnp.where(ok & jnp.isfinite(noise), noise, 0.0)
 
 
 def _ratio(sums):
-  """A trend in [-1, 1] from the EMAs of the rises and of their scale."""
+  """Trends in [-1, 1] from the EMAs of the rises and of their scale."""
   positive = sums[1] > 0
   return jnp.where(positive, sums[0] / jnp.where(positive, sums[1], 1.0), 0.0)
 
@@ -260,14 +281,14 @@ def adaptive(
   taken (whatever the optimizer) and :math:`g_t` the incoming updates,
 
   .. math::
-    a_t = -\langle g_{t-1}, d_t\rangle_S - \hat\eta_t \bigl(
-          |g_{t-1}|_S^2 - \max(\langle g_{t-1}, g_{t-2}\rangle_S, 0)\bigr),
+    a^{(j)}_t = -\langle g_{t-1}, d_t\rangle_S - \hat\eta_t \nu^{(j)}_t,
     \quad b_t = \langle g_t, d_t\rangle_S,
 
   .. math::
     \Delta L_t \approx \tfrac12 (b_t - a_t), \quad
-    T_t = \frac{\operatorname{EMA}_\beta(b - a)}
-               {\operatorname{EMA}_\beta(|a| + |b|)} \in [-1, 1],
+    T^{(j)}_t = \frac{\operatorname{EMA}_\beta(b - a^{(j)})}
+               {\operatorname{EMA}_\beta(|a^{(j)}| + |b|)}, \quad
+    T_t = \min_j T^{(j)}_t \in [-1, 1],
 
   where :math:`\langle x, y\rangle_S` sums :math:`x_i y_i` over a fixed
   strided subset of each leaf's coordinates (about `coordinates` in all, each
@@ -282,13 +303,23 @@ def adaptive(
   falling. :math:`\hat\eta_t` is the least-squares fit of
   :math:`d_t \approx \beta' d_{t-1} - \eta g_{t-1}` over the subset (exact
   for SGD with momentum; clipped to :math:`\ge 0`; 0 while fewer than two
-  steps are known or the fit is ill-posed), and
-  :math:`\langle g_{t-1}, g_{t-2}\rangle`, a product of two independent
-  minibatch gradients, estimates :math:`|\nabla L|^2` without the noise.
-  Unbiased, the estimate reads about 0 on a noisy plateau: while the
-  controller clips, a plateau is trouble at the default :math:`\tau = 0`
-  (with SGD, a smaller step lowers a noise-dominated loss); once released,
-  only a clear rise is.
+  steps are known or the fit is ill-posed), and :math:`\nu^{(j)}_t` are two
+  estimates of the noise's :math:`|\xi_{t-1}|^2` from the minibatch
+  gradients :math:`g_{t-1}, g_{t-2}`, whose noises are independent:
+  the *product* :math:`\nu^{(1)} = |g_{t-1}|_S^2 - \max(\langle g_{t-1},
+  g_{t-2}\rangle_S, 0)` and the *projection* :math:`\nu^{(2)} =
+  \tfrac12 |\Delta g_\perp|_S^2`, with :math:`\Delta g = g_{t-1} - g_{t-2}`
+  less its component along :math:`d_{t-1}`. Each also reads part of the
+  change of the true gradient between the two steps as noise, and so errs
+  toward a rise: the product where the gradient flips from step to step (an
+  oscillation across a valley, as at the edge of stability, which the
+  trapezoid rule already reads as flat), the projection where it changes
+  across the step's direction. The projection also misses the part of
+  :math:`g_{t-2}`'s noise that :math:`d_{t-1}` carries, so on a noisy
+  plateau the trend reads about 0 to slightly below. :math:`j` picks the
+  lower trend, and :math:`a_t = a^{(j)}_t`. While the controller clips, a
+  rise is trouble at the default :math:`\tau = 0`; once released, only a
+  clear rise is.
 
   **Controller.** On the first finite step
   :math:`\log c_1 = \log n_1 + \log s` (:math:`s` the `start`). Afterwards,
@@ -318,8 +349,8 @@ def adaptive(
   :math:`r_t = 0` on a step whose estimate is not finite (a run already
   blown up does not read as falling). A cut stops at the floor
   :math:`\lambda_t = \log c_1`, where the controller started, unless the
-  rise is *sustained*: the same trend over a slow EMA (decay 0.99),
-  :math:`T^{\text{slow}}_t`, exceeds 0.1. Then it stops at
+  rise is *sustained*: the product's trend over a slow EMA (decay 0.99),
+  :math:`T^{(1),\text{slow}}_t`, exceeds 0.1. Then it stops at
   :math:`\lambda_t = \min(\log c_1, \mu_{t-1} + \log \tfrac1{20})`, a
   twentieth of the (geometric) mean norm, so that a run whose norms stay
   far above the floor, or have fallen far below it, can still be cut to a
@@ -453,8 +484,8 @@ def adaptive(
         log_floor=f32(-jnp.inf),
         norm_mean=f32(0.0),
         norm_var=f32(0.0),
-        trend_sums=jnp.zeros((2,), jnp.float32),
-        slow_sums=jnp.zeros((2,), jnp.float32),
+        trend_sums=jnp.zeros((2, 2), jnp.float32),
+        slow_sums=jnp.zeros((2, 2), jnp.float32),
         recovering=f32(0.0),
         trouble_steps=f32(0.0),
         loss_stats=jnp.concatenate([
@@ -464,7 +495,7 @@ def adaptive(
         prev_params=zeros,
         prev_grads=zeros,
         prev_step=zeros,
-        step_dots=jnp.zeros((2,), jnp.float32),
+        step_dots=jnp.zeros((4,), jnp.float32),
     )
 
   def update_fn(updates, state, params=None, *, loss=None, **extra_args):
@@ -501,7 +532,7 @@ def adaptive(
       # The estimated change of the loss over the last step, and its trend.
       if p_sub is None:
         seen = jnp.zeros((), bool)
-        a = b = jnp.zeros((), jnp.float32)
+        a, b = jnp.zeros((2,), jnp.float32), jnp.zeros((), jnp.float32)
         d, new_dots = prev_d, step_dots
       else:
         d = p_sub - prev_p
@@ -510,9 +541,10 @@ def adaptive(
             [d, d, prev_g, prev_d, prev_g, prev_d])
         a = -ga  # The first-order decrease the step promised.
         # b: the slope along the step where it ended.
-        new_dots = jnp.stack([b, gg])
+        new_dots = jnp.stack([b, gg, ga, g1g1])
+        # One estimate per noise estimate: the trend is the lower of the two.
         a = a - _self_noise(a, d1d1, g1g1, dd1, step_dots, count >= 2)
-        seen = (count > 0) & jnp.isfinite(a) & jnp.isfinite(b)
+        seen = (count > 0) & jnp.all(jnp.isfinite(a)) & jnp.isfinite(b)
         a, b = jnp.where(seen, a, 0.0), jnp.where(seen, b, 0.0)
       beta = f(trend_decay)
       rise, size = b - a, jnp.abs(a) + jnp.abs(b)
@@ -524,7 +556,11 @@ def adaptive(
       seen &= jnp.all(jnp.isfinite(new_sums)) & jnp.all(jnp.isfinite(new_slow))
       sums = jnp.where(seen, new_sums, sums)
       slow = jnp.where(seen, new_slow, slow)
-      trend = _ratio(sums)
+      # Each noise estimate errs toward a rise in its own regime (see
+      # `_self_noise`): the trend is the lower of the two, and a step's own
+      # rise is read with the same estimate.
+      pick = jnp.argmin(_ratio(sums))
+      trend, rise = _ratio(sums)[pick], rise[pick]
       # Once released, a rise must be clearer to re-engage: halfway to 1.
       cap = mean + jnp.log(f(release))  # Released at or above it.
       was_released = (count > 0) & (log_c >= cap)
@@ -548,11 +584,14 @@ def adaptive(
         grow = jnp.where(first | seen, grow, 0.0)
       # The floor, where it started, stops cuts unless the rise is
       # sustained: then they may go on down to `_BELOW` times the mean norm.
+      # Sustained by the product's reading, the one that errs toward a rise:
+      # with the lower one, SGD runs whose norms fall far below the floor
+      # were held at it.
       floor = jnp.where(first, log_n + jnp.log(f(start)), floor)
       low = jnp.minimum(floor, mean + math.log(_BELOW))
       cut_to = jnp.minimum(log_c, jnp.maximum(  # A cut never raises.
           jnp.minimum(log_c, log_n) + jnp.log(f(cut)),
-          jnp.where(_ratio(slow) > _SUSTAINED, low, floor)))
+          jnp.where(_ratio(slow)[0] > _SUSTAINED, low, floor)))
       log_c = jnp.where(
           cut_now, cut_to,
           jnp.where(hurt, log_c,
