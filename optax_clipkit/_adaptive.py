@@ -14,12 +14,12 @@ quadratic), less the minibatch noise that the step's own gradient puts into
 it (estimated from a fit of the step to the last step and gradient, and, in
 two ways that err in different places, from two independent minibatch
 gradients: the lower of the two readings counts). The dot products run over
-a fixed strided subset of coordinates of every leaf (at most `coordinates` in all), weighted by each leaf's size
-over its share, so the estimate is global, cheap, and needs no copy of the
-parameters. The kept coordinates are packed into one vector, so that the dot
-products are one small reduction, not two per leaf: on a GPU each is a
-kernel launch. Under GSPMD sharding only that vector (about 1 KB) is
-gathered, never a leaf.
+a fixed strided subset of coordinates of every leaf (at most `coordinates`
+in all), weighted by each leaf's size over its share, so the estimate is
+global, cheap, and needs no copy of the parameters. The kept coordinates
+are packed into one vector, so that the dot products are one small
+reduction, not two per leaf: on a GPU each is a kernel launch. Under GSPMD
+sharding only that vector (about 1 KB) is gathered, never a leaf.
 
 Where the loss is passed (``tx.update(g, state, params, loss=loss)``), a
 sustained rise of the observed loss is trouble too: a second, independent
