@@ -76,7 +76,8 @@ class AdaptiveState(NamedTuple):
     norm_var: EMA variance of the log norms.
     trend_sums: EMAs of :math:`\\Delta L` (first row) and of its scale
       (second row), one column per noise estimate (2 x 2 floats).
-    slow_sums: The same over the slow EMA that tells a sustained rise.
+    slow_sums: The same over the slow EMA that tells a sustained rise,
+      for the product's noise estimate only (2 floats).
     recovering: 1.0 once the loss has been seen rising (slow recovery), else
       0.0 (slow start).
     trouble_steps: Consecutive steps in trouble.
@@ -485,7 +486,7 @@ def adaptive(
         norm_mean=f32(0.0),
         norm_var=f32(0.0),
         trend_sums=jnp.zeros((2, 2), jnp.float32),
-        slow_sums=jnp.zeros((2, 2), jnp.float32),
+        slow_sums=jnp.zeros((2,), jnp.float32),
         recovering=f32(0.0),
         trouble_steps=f32(0.0),
         loss_stats=jnp.concatenate([
@@ -549,8 +550,9 @@ def adaptive(
       beta = f(trend_decay)
       rise, size = b - a, jnp.abs(a) + jnp.abs(b)
       new_sums = beta * sums + (1 - beta) * jnp.stack([rise, size])
+      # The slow EMAs, of the product's estimate alone: see the floor below.
       new_slow = (_SUSTAINED_DECAY * slow
-                  + (1 - _SUSTAINED_DECAY) * jnp.stack([rise, size]))
+                  + (1 - _SUSTAINED_DECAY) * jnp.stack([rise[0], size[0]]))
       # Finite products can still overflow the sums, in a run already blown
       # up: such a step is not seen either.
       seen &= jnp.all(jnp.isfinite(new_sums)) & jnp.all(jnp.isfinite(new_slow))
@@ -559,8 +561,9 @@ def adaptive(
       # Each noise estimate errs toward a rise in its own regime (see
       # `_self_noise`): the trend is the lower of the two, and a step's own
       # rise is read with the same estimate.
-      pick = jnp.argmin(_ratio(sums))
-      trend, rise = _ratio(sums)[pick], rise[pick]
+      trends = _ratio(sums)
+      pick = jnp.argmin(trends)
+      trend, rise = trends[pick], rise[pick]
       # Once released, a rise must be clearer to re-engage: halfway to 1.
       cap = mean + jnp.log(f(release))  # Released at or above it.
       was_released = (count > 0) & (log_c >= cap)
@@ -591,7 +594,7 @@ def adaptive(
       low = jnp.minimum(floor, mean + math.log(_BELOW))
       cut_to = jnp.minimum(log_c, jnp.maximum(  # A cut never raises.
           jnp.minimum(log_c, log_n) + jnp.log(f(cut)),
-          jnp.where(_ratio(slow)[0] > _SUSTAINED, low, floor)))
+          jnp.where(_ratio(slow) > _SUSTAINED, low, floor)))
       log_c = jnp.where(
           cut_now, cut_to,
           jnp.where(hurt, log_c,
