@@ -386,8 +386,8 @@ def adaptive(
     :math:`T_t`. Once released, ``clip_threshold`` is inf and ``clip_scale``
     1 except on spikes.
   - No copy of the parameters: the state holds scalars and the subset of
-    coordinates of the last parameters and updates, two float32 vectors of
-    about `coordinates` entries. Under GSPMD sharding the subset alone is
+    coordinates of the last parameters, updates and step, three float32
+    vectors of about `coordinates` entries. Under GSPMD sharding the subset alone is
     gathered, never a leaf; under `axis_name` each device packs the subset
     of its own shards and the dot products are summed over the axis like
     the norm.
