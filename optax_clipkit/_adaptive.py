@@ -387,10 +387,10 @@ def adaptive(
     1 except on spikes.
   - No copy of the parameters: the state holds scalars and the subset of
     coordinates of the last parameters, updates and step, three float32
-    vectors of about `coordinates` entries. Under GSPMD sharding the subset alone is
-    gathered, never a leaf; under `axis_name` each device packs the subset
-    of its own shards and the dot products are summed over the axis like
-    the norm.
+    vectors of about `coordinates` entries. Under GSPMD sharding the subset
+    alone is gathered, never a leaf; under `axis_name` each device packs the
+    subset of its own shards and the dot products are summed over the axis
+    like the norm.
   - A step whose norm is NaN or inf leaves every statistic, the subset
     buffers included, bit-identical; its updates pass through unchanged.
     A step whose loss estimate is not finite changes no trend statistic.
