@@ -37,14 +37,36 @@ def test_notebook_has_a_badge_and_an_install_cell(path):
   assert "backend" in nb.cells[2].source  # Versions and backend printed.
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs(path, tmp_path, monkeypatch):
+# The default run executes every cell of each notebook with shorter training
+# (the same code, fewer steps); the slow run executes the notebooks as shipped.
+# Each replacement must match, so a notebook edit that drops one fails here.
+SHORTER = {
+    "01_exploding_mlp_regression": [("epochs=100", "epochs=20")],
+    "02_rnn_long_sequences": [("steps=2000", "steps=300"),
+                              ("steps=1000", "steps=150")],
+    "03_per_module_ranges": [("steps=300", "steps=60")],
+    "04_digits_classifier": [("EPOCHS = 30", "EPOCHS = 6")],
+    # Keeps every corrupted batch (last at 210) and the bump (240-249).
+    "05_spikes_and_guards": [("STEPS = 300", "STEPS = 255")],
+}
+
+
+def test_every_notebook_has_a_shorter_run():
+  assert set(SHORTER) == {path.stem for path in NOTEBOOKS}
+
+
+def execute(path, tmp_path, monkeypatch, replacements=()):
   monkeypatch.setenv("CLIPKIT_SKIP_INSTALL", "1")  # No network here.
   # The kernel imports this checkout's package, whatever else is installed.
   root = str(pathlib.Path(__file__).parent.parent)
   monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
       p for p in (root, os.environ.get("PYTHONPATH")) if p))
   nb = nbformat.read(path, as_version=4)
+  for old, new in replacements:
+    cells = [c for c in nb.cells if c.cell_type == "code" and old in c.source]
+    assert cells, (path.stem, old)
+    for c in cells:
+      c.source = c.source.replace(old, new)
   client = NotebookClient(nb, timeout=300, kernel_name="python3",
                           resources={"metadata": {"path": str(tmp_path)}})
   client.execute()  # Raises CellExecutionError on the first failing cell.
@@ -54,3 +76,14 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
   images = [o for c in nb.cells if c.cell_type == "code"
             for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
   assert images  # Every notebook plots.
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs_shorter(path, tmp_path, monkeypatch):
+  execute(path, tmp_path, monkeypatch, SHORTER[path.stem])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs(path, tmp_path, monkeypatch):
+  execute(path, tmp_path, monkeypatch)
