@@ -1,5 +1,7 @@
 """Makes mistakes loud, and gives JAX 8 CPU devices for the sharding tests."""
 
+import os
+
 import jax
 
 # In-process, before JAX starts its backends: subprocesses (notebook kernels,
@@ -18,6 +20,12 @@ def _run_gpu_branch(monkeypatch):
                       lambda cpu, default, *args, cuda=None:
                       (cuda or default)(*args))
   monkeypatch.setattr(_tactics, "single_device", lambda: True)
+
+
+def pytest_xdist_auto_num_workers(config):
+  """``-n auto``: one worker a core, at most 4 (each holds its own JAX)."""
+  del config
+  return min(os.cpu_count() or 1, 4)
 
 
 @pytest.fixture(params=["one_gpu", "cpu_several_devices", "cpu_single_device"])
