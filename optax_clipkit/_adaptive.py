@@ -358,6 +358,9 @@ def adaptive(
   smaller step. Finally :math:`c_t` is raised to at least
   :math:`\min(c_1, e^{\mu_{t-1}} / 20)`. Its threshold is :math:`c_t`, or
   :math:`\infty` (released) once :math:`\log c_t \ge \mu_{t-1} + \log R`.
+  A released controller not in trouble then keeps
+  :math:`\log c_t \ge \mu_t + \log R`: it stays released as the norms
+  grow, until a clear rise.
 
   **The loss, when passed** (``tx.update(g, state, params, loss=loss)``, the
   keyword `skip_spikes` reads too): with :math:`F_t` the EMA of the loss with
@@ -610,6 +613,12 @@ def adaptive(
       new_mean = jnp.where(first, log_n, rho * mean + (1 - rho) * kept)
       new_var = jnp.where(first, 1.0,
                           rho * var + (1 - rho) * jnp.square(kept - new_mean))
+      # Once released, and while no rise is seen, the threshold follows the
+      # release cap up as the norms grow: a run let go stays let go (the
+      # norms of a healthy run can grow for hundreds of steps).
+      log_c = jnp.where(was_released & ~hurt,
+                        jnp.maximum(log_c, new_mean + jnp.log(f(release))),
+                        log_c)
       spike = jnp.exp(log_spike)
       threshold = jnp.minimum(controller, spike)
       cause = jnp.where(norm <= threshold, NONE,

@@ -384,6 +384,7 @@ class AdaptiveReference:
     pick = int(np.argmin(ratio(self.sums)))
     trend = ratio(self.sums)[pick]
     sustained = ratio(self.slow)[0] > 0.1  # The product estimate's.
+    released = False
     if not first:
       released = self.log_c >= self.mean + np.log(h["release"])
       level = (1 + h["trouble"]) / 2 if released else h["trouble"]
@@ -422,6 +423,8 @@ class AdaptiveReference:
       r = h["spike_decay"]
       self.mean = r * self.mean + (1 - r) * kept
       self.var = r * self.var + (1 - r) * (kept - self.mean) ** 2
+    if released and not hurt:  # Stays released as the norms grow.
+      self.log_c = max(self.log_c, self.mean + np.log(h["release"]))
     spike = np.exp(log_spike)
     threshold = min(controller, spike)
     cause = 0.0
@@ -590,6 +593,33 @@ def test_adaptive_first_step_is_clipped_to_start_fraction():
   out, state = tx.update(g, tx.init(g), g)
   np.testing.assert_allclose(out["w"], [3.0, 4.0], rtol=1e-6)  # 0.1 * 50
   assert clipkit.metrics(state)["clip_cause"] == 1.0  # The slow start.
+
+
+def test_adaptive_stays_released_while_norms_grow_and_the_loss_falls():
+  # Plain gradient descent down a slope: the loss falls on every step. The
+  # run is released after a slow start (slow here, 2% a step, as fast as a
+  # recovery); then its norms grow 5% a step for 80 steps, as a healthy
+  # run's can. The controller must stay released; only spikes may clip.
+  rng = np.random.default_rng(0)
+  direction = rng.standard_normal(64)
+  direction /= np.linalg.norm(direction)
+  tx = clipkit.adaptive(start=0.5, slow_start=1.02)
+  params = {"w": jnp.zeros(64)}
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  causes = []
+  for t in range(200):
+    scale = np.exp(0.3 * rng.standard_normal()) * 1.05 ** max(0, t - 120)
+    g = scale * (direction + 0.01 * rng.standard_normal(64))
+    grads = {"w": jnp.asarray(g, jnp.float32)}
+    updates, state = update(grads, state, params)
+    params = optax.apply_updates(params, jax.tree.map(lambda u: -0.01 * u,
+                                                      updates))
+    causes.append(float(clipkit.metrics(state)["clip_cause"]))
+  causes = np.array(causes)
+  assert np.all(causes[100:120] != 1.0)  # Released by then.
+  # Growing norms do not bring the controller back: no cause 1 or 2.
+  assert not np.any((causes[120:] == 1.0) | (causes[120:] == 2.0)), causes
 
 
 def test_adaptive_params_must_match_updates():
