@@ -588,6 +588,13 @@ def adaptive(
                        jnp.log(f(slow_start)) * speed)
       if p_sub is not None:
         grow = jnp.where(first | seen, grow, 0.0)
+      # Spikes: a z-score on the log norm; statistics of capped norms.
+      log_spike = jnp.where(first, jnp.inf, mean + f(spike_z) * jnp.sqrt(var))
+      kept = jnp.minimum(log_n, log_spike)
+      rho = f(spike_decay)
+      new_mean = jnp.where(first, log_n, rho * mean + (1 - rho) * kept)
+      new_var = jnp.where(first, 1.0,
+                          rho * var + (1 - rho) * jnp.square(kept - new_mean))
       # The floor, where it started, stops cuts unless the rise is
       # sustained: then they may go on down to `_BELOW` times the mean norm.
       # Sustained by the product's reading, the one that errs toward a rise:
@@ -603,22 +610,15 @@ def adaptive(
           jnp.where(hurt, log_c,
                     jnp.minimum(log_c + grow, jnp.maximum(cap, log_c))))
       log_c = jnp.where(first, floor, jnp.maximum(log_c, low))
-      released = ~first & (log_c >= cap)
-      controller = jnp.where(released, jnp.inf, jnp.exp(log_c))
-      recovering = jnp.where(hurt, 1.0, recovering)
-      # Spikes: a z-score on the log norm; statistics of capped norms.
-      log_spike = jnp.where(first, jnp.inf, mean + f(spike_z) * jnp.sqrt(var))
-      kept = jnp.minimum(log_n, log_spike)
-      rho = f(spike_decay)
-      new_mean = jnp.where(first, log_n, rho * mean + (1 - rho) * kept)
-      new_var = jnp.where(first, 1.0,
-                          rho * var + (1 - rho) * jnp.square(kept - new_mean))
       # Once released, and while no rise is seen, the threshold follows the
       # release cap up as the norms grow: a run let go stays let go (the
       # norms of a healthy run can grow for hundreds of steps).
       log_c = jnp.where(was_released & ~hurt,
                         jnp.maximum(log_c, new_mean + jnp.log(f(release))),
                         log_c)
+      released = ~first & (log_c >= cap)
+      controller = jnp.where(released, jnp.inf, jnp.exp(log_c))
+      recovering = jnp.where(hurt, 1.0, recovering)
       spike = jnp.exp(log_spike)
       threshold = jnp.minimum(controller, spike)
       cause = jnp.where(norm <= threshold, NONE,
