@@ -577,7 +577,9 @@ def adaptive(
         hurt |= rising
       # The controller: cut at the onset of a rise and every `patience` steps
       # it lasts; hold while it lasts; otherwise grow (faster the faster the
-      # loss falls), up to the release cap.
+      # loss falls), up to the release cap, and once released follow that
+      # cap up as the norms grow: a run let go stays let go (the norms of a
+      # healthy run can grow for hundreds of steps).
       streak = jnp.where(hurt, streak + 1, 0.0)
       cut_now = hurt & (jnp.mod(streak - 1, f(patience)) == 0)
       # Without params there is no estimate: the slow start runs at full
@@ -605,17 +607,11 @@ def adaptive(
       cut_to = jnp.minimum(log_c, jnp.maximum(  # A cut never raises.
           jnp.minimum(log_c, log_n) + jnp.log(f(cut)),
           jnp.where(_ratio(slow) > _SUSTAINED, low, floor)))
-      log_c = jnp.where(
-          cut_now, cut_to,
-          jnp.where(hurt, log_c,
-                    jnp.minimum(log_c + grow, jnp.maximum(cap, log_c))))
+      grown = jnp.where(
+          was_released, jnp.maximum(log_c, new_mean + jnp.log(f(release))),
+          jnp.minimum(log_c + grow, jnp.maximum(cap, log_c)))
+      log_c = jnp.where(cut_now, cut_to, jnp.where(hurt, log_c, grown))
       log_c = jnp.where(first, floor, jnp.maximum(log_c, low))
-      # Once released, and while no rise is seen, the threshold follows the
-      # release cap up as the norms grow: a run let go stays let go (the
-      # norms of a healthy run can grow for hundreds of steps).
-      log_c = jnp.where(was_released & ~hurt,
-                        jnp.maximum(log_c, new_mean + jnp.log(f(release))),
-                        log_c)
       released = ~first & (log_c >= cap)
       controller = jnp.where(released, jnp.inf, jnp.exp(log_c))
       recovering = jnp.where(hurt, 1.0, recovering)
