@@ -53,6 +53,9 @@ _FAST, _SLOW, _RISE, _LAG = 0.9, 0.99, 1.0, 10
 # `_SUSTAINED_DECAY`) above `_SUSTAINED`. Cuts may then take the threshold
 # below its floor, down to `_BELOW` times the (geometric) mean norm.
 _SUSTAINED_DECAY, _SUSTAINED, _BELOW = 0.99, 0.1, 0.05
+# The evidence that a sustained rise of the passed loss counts as: the level
+# of a clear rise, as for a released run at the default `trouble`.
+_CLEAR = 0.5
 
 # Values of `clip_cause`.
 NONE, START, OVERSHOOT, SPIKE, CEILING = 0.0, 1.0, 2.0, 3.0, 4.0
@@ -80,7 +83,6 @@ class AdaptiveState(NamedTuple):
       for the product's noise estimate only (2 floats).
     recovering: 1.0 once the loss has been seen rising (slow recovery), else
       0.0 (slow start).
-    trouble_steps: Consecutive steps in trouble.
     loss_stats: The loss watch (15 floats): the last finite loss passed (NaN
       before any), the EMA of the absolute single-step change and its total
       weight, the count of losses (saturating at 10), and the fast EMA of the
@@ -109,7 +111,6 @@ class AdaptiveState(NamedTuple):
   trend_sums: jax.Array
   slow_sums: jax.Array
   recovering: jax.Array
-  trouble_steps: jax.Array
   loss_stats: jax.Array
   norm_count: jax.Array
   prev_params: jax.Array
@@ -255,10 +256,9 @@ def adaptive(
     *,
     slow_start: jax.typing.ArrayLike = 1.1,
     recovery: jax.typing.ArrayLike = 1.02,
-    cut: jax.typing.ArrayLike = 0.5,
+    cut_rate: jax.typing.ArrayLike = 0.4,
     trouble: jax.typing.ArrayLike = 0.0,
     trend_decay: jax.typing.ArrayLike = 0.9,
-    patience: jax.typing.ArrayLike = 10,
     release: jax.typing.ArrayLike = 4.0,
     spike_z: jax.typing.ArrayLike = 3.0,
     spike_decay: jax.typing.ArrayLike = 0.95,
@@ -328,22 +328,23 @@ def adaptive(
   exceeds :math:`\tau` (`trouble`) while the controller clips, or
   :math:`(1 + \tau)/2` while released (:math:`\log c_{t-1} \ge
   \mu_{t-1} + \log R`): a run that was let go asks for a clearer rise.
-  With :math:`k_t` the number of consecutive steps in trouble and
-  :math:`\mu_{t-1}` the mean log norm below,
+  With :math:`\mu_{t-1}` the mean log norm below,
 
   .. math::
     \log c_t = \begin{cases}
-      \min\bigl(\log c_{t-1},\ \max(\min(\log c_{t-1}, \log n_t)
-        + \log \kappa,\ \lambda_t)\bigr)
-        & \text{trouble, } k_t \equiv 1 \pmod{P} \\
-      \log c_{t-1} & \text{trouble otherwise} \\
+      \min\bigl(\log c_{t-1},\
+                \max(\log c_{t-1} - \kappa \max(T_t, 0),\ \lambda_t)\bigr)
+        & \text{trouble,} \\
       \min\bigl(\log c_{t-1} + r_t,\
                 \max(\mu_{t-1} + \log R,\ \log c_{t-1})\bigr)
         & \text{otherwise,}
     \end{cases}
 
-  with :math:`\kappa` the `cut`, :math:`P` the `patience`, :math:`R` the
-  `release`, and the growth
+  with :math:`\kappa` the `cut_rate`, :math:`R` the `release`: a cut in
+  proportion to the evidence, so that a clear rise (:math:`T_t = 0.5`
+  for some four steps) halves :math:`c_t` and a trend that barely
+  crosses :math:`\tau` in noise takes less off than a few steps of
+  recovery give back. The growth is
   :math:`r_t = \operatorname{clip}(\tfrac12 - T_t, 0, 1) \log` `slow_start`
   until the first trouble (half rate on a flat trend, full rate while the
   loss falls fast) and :math:`r_t = \log` `recovery` after, or
@@ -369,6 +370,8 @@ def adaptive(
   trouble when :math:`F_t - F_{t-10} > N_t`, from the eleventh loss on: a
   rise sustained over some ten steps, which noise in the minibatch losses
   does not make, and which ends some ten steps after the loss stops rising.
+  Such a step cuts as a clear rise does, with :math:`T_t` read as at least
+  0.5.
 
   **Spikes.** With :math:`\ell_t = \mu_{t-1} + z\,\sigma_{t-1}`
   (:math:`z` the `spike_z`; :math:`\infty` on the first step),
@@ -397,7 +400,7 @@ def adaptive(
   - A step whose norm is NaN or inf leaves every statistic, the subset
     buffers included, bit-identical; its updates pass through unchanged.
     A step whose loss estimate is not finite changes no trend statistic.
-  - The loss is optional and can only add trouble (a cut, then a hold),
+  - The loss is optional and can only add trouble (cuts),
     never release the threshold; a loss that is not finite changes nothing.
     Other extra arguments are ignored.
   - ``tx.update(updates, state)`` without `params` degrades gracefully:
@@ -412,11 +415,11 @@ def adaptive(
     slow_start: The growth factor per step (>= 1) before the first trouble,
       at :math:`T_t = -1`.
     recovery: The growth factor per step (>= 1) after the first trouble.
-    cut: :math:`\kappa` in (0, 1], the factor applied on trouble.
+    cut_rate: :math:`\kappa` >= 0: each step in trouble lowers
+      :math:`\log c_t` by :math:`\kappa` times the trend.
     trouble: :math:`\tau` in [-1, 1], the trend above which a rise of the
       loss is trouble.
     trend_decay: :math:`\beta` in (0, 1).
-    patience: :math:`P` >= 1, steps of continued trouble between cuts.
     release: :math:`R` >= 1: released when :math:`c_t` exceeds :math:`R`
       times the mean norm (geometric).
     spike_z: :math:`z` > 0, the z-score of the log norm that is a spike.
@@ -456,11 +459,12 @@ def adaptive(
     (the bold driver); Kumar et al., `ZClip: Adaptive Spike Mitigation for
     LLM Pre-Training <https://arxiv.org/abs/2504.02507>`_, 2025
   """
-  for arg, value in (("start", start), ("cut", cut)):
-    _validation.check_number(arg, value, low=0.0, high=1.0, low_open=True,
-                             expected="a number in (0, 1]")
+  _validation.check_number("start", start, low=0.0, high=1.0, low_open=True,
+                           expected="a number in (0, 1]")
+  _validation.check_number("cut_rate", cut_rate, low=0.0,
+                           expected="a non-negative number")
   for arg, value in (("slow_start", slow_start), ("recovery", recovery),
-                      ("release", release), ("patience", patience)):
+                      ("release", release)):
     _validation.check_number(arg, value, low=1.0, expected="a number >= 1")
   _validation.check_number("trouble", trouble, low=-1.0, high=1.0,
                            expected="a number in [-1, 1]")
@@ -491,7 +495,6 @@ def adaptive(
         trend_sums=jnp.zeros((2, 2), jnp.float32),
         slow_sums=jnp.zeros((2,), jnp.float32),
         recovering=f32(0.0),
-        trouble_steps=f32(0.0),
         loss_stats=jnp.concatenate([
             jnp.array([jnp.nan, 0.0, 0.0, 0.0], jnp.float32),
             jnp.zeros((_LAG + 1,), jnp.float32)]),
@@ -529,7 +532,7 @@ def adaptive(
       return total if axis_name is None else jax.lax.psum(total, axis_name)
 
     def rule(norm, stats):
-      (log_c, floor, mean, var, sums, slow, recovering, streak, watch, count,
+      (log_c, floor, mean, var, sums, slow, recovering, watch, count,
        prev_p, prev_g, prev_d, step_dots) = stats
       log_n = jnp.log(jnp.maximum(norm, jnp.finfo(jnp.float32).tiny))
       first = count == 0
@@ -575,13 +578,15 @@ def adaptive(
       if loss is not None:
         rising, watch = _watch(f(loss), watch)
         hurt |= rising
-      # The controller: cut at the onset of a rise and every `patience` steps
-      # it lasts; hold while it lasts; otherwise grow (faster the faster the
-      # loss falls), up to the release cap, and once released follow that
-      # cap up as the norms grow: a run let go stays let go (the norms of a
-      # healthy run can grow for hundreds of steps).
-      streak = jnp.where(hurt, streak + 1, 0.0)
-      cut_now = hurt & (jnp.mod(streak - 1, f(patience)) == 0)
+      # The controller: in trouble, cut in proportion to the evidence (the
+      # trend; a sustained rise of the passed loss reads as a clear one);
+      # otherwise grow (faster the faster the loss falls), up to the release
+      # cap, and once released follow that cap up as the norms grow: a run
+      # let go stays let go (the norms of a healthy run can grow for
+      # hundreds of steps).
+      evidence = jnp.maximum(trend, 0.0)
+      if loss is not None:
+        evidence = jnp.where(rising, jnp.maximum(evidence, _CLEAR), evidence)
       # Without params there is no estimate: the slow start runs at full
       # rate. With them, it runs at half rate on a flat trend, and nothing
       # grows on a step the estimate could not read.
@@ -605,12 +610,12 @@ def adaptive(
       floor = jnp.where(first, log_n + jnp.log(f(start)), floor)
       low = jnp.minimum(floor, mean + math.log(_BELOW))
       cut_to = jnp.minimum(log_c, jnp.maximum(  # A cut never raises.
-          jnp.minimum(log_c, log_n) + jnp.log(f(cut)),
+          log_c - f(cut_rate) * evidence,
           jnp.where(_ratio(slow) > _SUSTAINED, low, floor)))
       grown = jnp.where(
           was_released, jnp.maximum(log_c, new_mean + jnp.log(f(release))),
           jnp.minimum(log_c + grow, jnp.maximum(cap, log_c)))
-      log_c = jnp.where(cut_now, cut_to, jnp.where(hurt, log_c, grown))
+      log_c = jnp.where(hurt, cut_to, grown)
       log_c = jnp.where(first, floor, jnp.maximum(log_c, low))
       released = ~first & (log_c >= cap)
       controller = jnp.where(released, jnp.inf, jnp.exp(log_c))
@@ -621,14 +626,13 @@ def adaptive(
                         jnp.where(spike < controller, SPIKE,
                                   jnp.where(recovering > 0, OVERSHOOT,
                                             START)))
-      new = (log_c, floor, new_mean, new_var, sums, slow, recovering, streak,
+      new = (log_c, floor, new_mean, new_var, sums, slow, recovering,
              watch, jnp.minimum(count + 1, 2),
              prev_p if p_sub is None else p_sub, g_sub, d, new_dots)
       return threshold, new, cause, trend
 
     stats = (state.log_threshold, state.log_floor, state.norm_mean, state.norm_var,
              state.trend_sums, state.slow_sums, state.recovering,
-             state.trouble_steps,
              state.loss_stats, state.norm_count,
              state.prev_params, state.prev_grads, state.prev_step,
              state.step_dots)
