@@ -415,7 +415,7 @@ def adaptive(
     slow_start: The growth factor per step (>= 1) before the first trouble,
       at :math:`T_t = -1`.
     recovery: The growth factor per step (>= 1) after the first trouble.
-    cut_rate: :math:`\kappa` >= 0: each step in trouble lowers
+    cut_rate: :math:`\kappa` >= 0, finite: each step in trouble lowers
       :math:`\log c_t` by :math:`\kappa` times the trend.
     trouble: :math:`\tau` in [-1, 1], the trend above which a rise of the
       loss is trouble.
@@ -461,8 +461,9 @@ def adaptive(
   """
   _validation.check_number("start", start, low=0.0, high=1.0, low_open=True,
                            expected="a number in (0, 1]")
-  _validation.check_number("cut_rate", cut_rate, low=0.0,
-                           expected="a non-negative number")
+  _validation.check_number("cut_rate", cut_rate, low=0.0, high=math.inf,
+                           high_open=True,
+                           expected="a finite non-negative number")
   for arg, value in (("slow_start", slow_start), ("recovery", recovery),
                       ("release", release)):
     _validation.check_number(arg, value, low=1.0, expected="a number >= 1")
