@@ -14,6 +14,15 @@ the observed change of the held-out loss, both divided by the mean of
 ``|a| + |b|``, the scale of the rule's trend. A trend that reads a rise
 where the loss is flat is a bias of the estimate, not a rise.
 
+The gradient of the held-out loss, ``h_t``, stands in for the true
+gradient: the minibatch noise of the last gradient is then
+``xi_{t-1} = g_{t-1} - h_{t-1}``, and the estimate less the noise the step
+actually carries, ``xi_{t-1} . d_t``, is what a perfect noise estimate
+would read. A second table splits the product's noise estimate,
+``|g_{t-1}|^2 - max(g_{t-1} . g_{t-2}, 0)``, into the noise
+``|xi_{t-1}|^2`` and the change of the true gradient over the last step,
+``h_{t-1} . (h_{t-1} - h_{t-2})``, which it holds too.
+
 Run: ``python benchmarks/estimate_bias.py [--task control] [--optimizer
 adam] [--steps 2000] [--seed 0] [--no-clipping] [--quick]``; ``--task`` is
 ``control`` (the regression with standardised targets of
@@ -43,7 +52,8 @@ import optax_clipkit as clipkit
 
 
 def record(task, opt, seed: int, clip: bool = True):
-  """Parameters, gradients and held-out losses of every step (float64).
+  """Parameters, gradients, held-out losses and their gradients of every
+  step (float64).
 
   Trained with `adaptive()` before `opt`, or with `opt` alone (`clip`
   False): the estimates are the same functions of the run either way.
@@ -53,17 +63,19 @@ def record(task, opt, seed: int, clip: bool = True):
   def record_step(params, grads, state):
     del state
     return (ravel_pytree(params)[0], ravel_pytree(grads)[0],
-            task.evaluate(params))
+            task.evaluate(params),
+            ravel_pytree(jax.grad(task.evaluate)(params))[0])
 
   _, out = jax.jit(lambda key: tasks.train(task, tx, key, record_step))(
       jax.random.PRNGKey(seed))
   return [np.asarray(x, np.float64) for x in out]
 
 
-def changes(p, g, loss):
-  """Per step t >= 3: the observed change, the plain estimate, the estimate
-  less the product's noise (the rule's) and less the projection's, and the
-  scale |a| + |b|."""
+def changes(p, g, loss, h):
+  """Per step t >= 3: the observed change; the plain estimate, and less the
+  product's noise (the rule's), the projection's and the true noise; the
+  scale |a| + |b|; then the product's noise estimate and its two parts,
+  |xi_{t-1}|^2 and h_{t-1} . (h_{t-1} - h_{t-2})."""
   rows = []
   for t in range(3, len(loss)):
     d, d1 = p[t] - p[t - 1], p[t - 1] - p[t - 2]
@@ -76,23 +88,32 @@ def changes(p, g, loss):
     dg = g1 - g2
     along = (dg @ d1) ** 2 / max(d1 @ d1, np.finfo(np.float64).tiny)
     projection = eta * max(dg @ dg - along, 0.0) / 2
+    xi = g1 - h[t - 1]  # The minibatch noise of g_{t-1}.
     rows.append((loss[t] - loss[t - 1], (b - a) / 2, (b - a + product) / 2,
-                 (b - a + projection) / 2, abs(a) + abs(b)))
+                 (b - a + projection) / 2, (b - a - xi @ d) / 2,
+                 abs(a) + abs(b), g1 @ g1 - max(g1 @ g2, 0.0), xi @ xi,
+                 h[t - 1] @ (h[t - 1] - h[t - 2])))
   return np.array(rows)
 
 
 def report(rows, loss, windows) -> str:
   out = ["| steps | held-out loss | observed | plain estimate | less the"
-         " product | less the projection |", "|---|---|---|---|---|---|"]
+         " product | less the projection | less the true noise |",
+         "|---|---|---|---|---|---|---|"]
+  parts = ["| steps | the product's noise estimate | the noise, xi . xi |"
+           " the true gradient's change, h . (h - h_prev) |", "|---|---|---|---|"]
   for lo, hi in windows:
     w = rows[lo - 3:hi - 3]
     if not len(w):
       continue
-    scale = w[:, 4].mean() / 2  # The estimates are (b - a) / 2.
+    scale = w[:, 5].mean() / 2  # The estimates are (b - a) / 2.
     out.append(f"| {lo}-{hi} | {loss[lo]:.3g} to {loss[hi - 1]:.3g} | "
-               + " | ".join(f"{w[:, i].mean() / scale:+.3f}" for i in range(4))
+               + " | ".join(f"{w[:, i].mean() / scale:+.3f}" for i in range(5))
                + " |")
-  return "\n".join(out)
+    parts.append(f"| {lo}-{hi} | " + " | ".join(
+        f"{w[:, i].mean():.3g}" for i in (6, 7, 8)) + " |")
+  return "\n".join(out) + "\n\nMeans per step, before the fit's eta:\n\n" + (
+      "\n".join(parts))
 
 
 def main():
@@ -118,8 +139,8 @@ def main():
     task = study[args.task]
     opt = adaptive_study.optimizer(task, args.optimizer)
   with jax.numpy_dtype_promotion("standard"):
-    p, g, loss = record(task, opt, args.seed, clip=not args.no_clipping)
-  rows = changes(p, g, loss)
+    p, g, loss, h = record(task, opt, args.seed, clip=not args.no_clipping)
+  rows = changes(p, g, loss, h)
   edges = [3, 50, 100, 200] + list(range(300, steps + 1, 300))
   windows = [(lo, hi) for lo, hi in zip(edges, edges[1:] + [steps])
              if lo < hi]
