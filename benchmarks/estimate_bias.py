@@ -84,14 +84,15 @@ def changes(p, g, loss, h):
     # Least squares: d ~ beta * d1 - eta * g1.
     (_, eta), *_ = np.linalg.lstsq(np.stack([d1, -g1], 1), d, rcond=None)
     eta = max(eta, 0.0)
-    product = eta * (g1 @ g1 - max(g1 @ g2, 0.0))
+    nu = g1 @ g1 - max(g1 @ g2, 0.0)  # The product's noise estimate.
+    product = eta * nu
     dg = g1 - g2
     along = (dg @ d1) ** 2 / max(d1 @ d1, np.finfo(np.float64).tiny)
     projection = eta * max(dg @ dg - along, 0.0) / 2
     xi = g1 - h[t - 1]  # The minibatch noise of g_{t-1}.
     rows.append((loss[t] - loss[t - 1], (b - a) / 2, (b - a + product) / 2,
                  (b - a + projection) / 2, (b - a - xi @ d) / 2,
-                 abs(a) + abs(b), g1 @ g1 - max(g1 @ g2, 0.0), xi @ xi,
+                 abs(a) + abs(b), nu, xi @ xi,
                  h[t - 1] @ (h[t - 1] - h[t - 2])))
   return np.array(rows)
 
@@ -101,7 +102,8 @@ def report(rows, loss, windows) -> str:
          " product | less the projection | less the true noise |",
          "|---|---|---|---|---|---|---|"]
   parts = ["| steps | the product's noise estimate | the noise, xi . xi |"
-           " the true gradient's change, h . (h - h_prev) |", "|---|---|---|---|"]
+           " the true gradient's change, h . (h - h_prev) |",
+           "|---|---|---|---|"]
   for lo, hi in windows:
     w = rows[lo - 3:hi - 3]
     if not len(w):

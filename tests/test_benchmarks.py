@@ -71,6 +71,8 @@ def test_grouped_norm_quick():
 def test_estimate_bias_quick():
   stdout = smoke("estimate_bias.py")
   assert "| 100-200 |" in stdout and "less the projection" in stdout
+  assert "less the true noise" in stdout
+  assert "the true gradient's change" in stdout
   assert "with adaptive()" in stdout
   assert "with no clipping" in smoke("estimate_bias.py", "--no-clipping")
 
