@@ -252,7 +252,7 @@ def _watch(loss: jax.Array, watch: jax.Array):
 
 
 def adaptive(
-    start: jax.typing.ArrayLike = 0.02,
+    start: jax.typing.ArrayLike = 0.01,
     *,
     slow_start: jax.typing.ArrayLike = 1.1,
     recovery: jax.typing.ArrayLike = 1.02,
@@ -451,7 +451,7 @@ def adaptive(
     >>> updates, state = tx.update(grads, state, params)  # Pass params.
     >>> m = clipkit.metrics(state)
     >>> round(float(m["clip_threshold"]), 4), float(m["clip_cause"])
-    (1.0, 1.0)
+    (0.5, 1.0)
 
   References:
     Battiti, `Accelerated backpropagation learning: two optimization
