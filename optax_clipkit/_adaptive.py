@@ -61,42 +61,97 @@ _CLEAR = 0.5
 NONE, START, OVERSHOOT, SPIKE, CEILING = 0.0, 1.0, 2.0, 3.0, 4.0
 
 
+# The controller's statistics: one float32 vector, `AdaptiveState.stats`, of
+# these (name, size), then the three subset vectors. On a GPU each array of
+# a state is written by a kernel of its own: with the statistics in 13
+# arrays, an `adaptive()` + AdamW step of 16M parameters took 1.17-1.30x
+# AdamW's time on an H200, 1.10-1.17x with them in one vector (2026-11-27;
+# docs/adaptive.md, "Results", goal 5).
+_SCALARS = (("log_threshold", 1), ("log_floor", 1), ("norm_mean", 1),
+            ("norm_var", 1), ("recovering", 1), ("norm_count", 1),
+            ("trend_sums", 4), ("slow_sums", 2), ("step_dots", 4),
+            ("loss_stats", 15))
+_SHAPES = {"trend_sums": (2, 2)}
+_VECTORS = ("prev_params", "prev_grads", "prev_step")
+_N_SCALARS = sum(size for _, size in _SCALARS)
+
+
+def _layout(n: int) -> dict[str, tuple[int, int]]:
+  """Where each statistic lies in `stats`, for subset vectors of `n`."""
+  out, start = {}, 0
+  for name, size in _SCALARS + tuple((v, n) for v in _VECTORS):
+    out[name] = (start, start + size)
+    start += size
+  return out
+
+
+def _unpack(stats: jax.Array) -> dict[str, jax.Array]:
+  """The statistics in `stats` (with any leading batch dimensions)."""
+  n = (stats.shape[-1] - _N_SCALARS) // len(_VECTORS)
+  out = {}
+  for name, (a, b) in _layout(n).items():
+    x = stats[..., a:b]
+    if b - a == 1 and name not in _VECTORS:
+      x = x[..., 0]
+    out[name] = x.reshape(x.shape[:-1] + _SHAPES[name]
+                          if name in _SHAPES else x.shape)
+  out["norm_count"] = out["norm_count"].astype(jnp.int32)
+  return out
+
+
+def _pack(values: dict[str, jax.Array]) -> jax.Array:
+  """`_unpack`'s inverse, for unbatched statistics."""
+  return jnp.concatenate(
+      [jnp.asarray(values[name], jnp.float32).reshape(-1)
+       for name, _ in _SCALARS] + [values[v] for v in _VECTORS])
+
+
+def _stat(name: str) -> property:
+  return property(lambda self: _unpack(self.stats)[name],
+                  doc=f"`{name}`, read from `stats`.")
+
+
 class AdaptiveState(NamedTuple):
   """State of `adaptive`.
+
+  The metrics are fields of their own; the controller's statistics are one
+  float32 vector, `stats`, and each can be read by its name (an attribute).
 
   Attributes:
     grad_norm: Global L2 norm of the last incoming updates (float32).
     clip_threshold: The threshold of the last update (inf when released).
     clip_scale: The factor the last updates were multiplied by.
     clip_cause: Why the last updates were clipped: 0 not clipped, 1 the
-      loss was rising (the controller's threshold), 2 a norm spike.
+      slow start, 2 the loss was rising, 3 a norm spike, 4 `max_norm`.
     loss_trend: The trend :math:`T_t` in [-1, 1] of the estimated loss
       changes: below 0 the loss falls, above `trouble` it is rising (the
       lower of the trends of the two noise estimates).
+    stats: The statistics below, in this order, as one float32 vector of
+      31 + 3 x (about `coordinates`) entries.
     log_threshold: The controller's threshold, :math:`\\log c_t`.
     log_floor: Its floor, :math:`\\log c_1`.
     norm_mean: EMA mean of the log norms (after spike capping).
     norm_var: EMA variance of the log norms.
+    recovering: 1.0 once the loss has been seen rising (slow recovery), else
+      0.0 (slow start).
+    norm_count: Count of finite steps, saturating at 2 (read as int32).
     trend_sums: EMAs of :math:`\\Delta L` (first row) and of its scale
       (second row), one column per noise estimate (2 x 2 floats).
     slow_sums: The same over the slow EMA that tells a sustained rise,
       for the product's noise estimate only (2 floats).
-    recovering: 1.0 once the loss has been seen rising (slow recovery), else
-      0.0 (slow start).
-    loss_stats: The loss watch (15 floats): the last finite loss passed (NaN
-      before any), the EMA of the absolute single-step change and its total
-      weight, the count of losses (saturating at 10), and the fast EMA of the
-      loss over the last 11 steps.
-    norm_count: int32 count of finite steps, saturating at 2.
-    prev_params: The parameters' subset coordinates at the last finite step,
-      one float32 vector of about `coordinates` entries.
-    prev_grads: The gradients' subset coordinates at the last finite step.
-    prev_step: The subset coordinates of the step before that one,
-      :math:`d_{t-1}`.
     step_dots: :math:`\\langle g_{t-1}, d_{t-1}\\rangle_S`,
       :math:`\\langle g_{t-1}, g_{t-2}\\rangle_S`,
       :math:`\\langle g_{t-2}, d_{t-1}\\rangle_S` and :math:`|g_{t-2}|_S^2`,
       from the last finite step.
+    loss_stats: The loss watch (15 floats): the last finite loss passed (NaN
+      before any), the EMA of the absolute single-step change and its total
+      weight, the count of losses (saturating at 10), and the fast EMA of the
+      loss over the last 11 steps.
+    prev_params: The parameters' subset coordinates at the last finite step,
+      a vector of about `coordinates` entries.
+    prev_grads: The gradients' subset coordinates at the last finite step.
+    prev_step: The subset coordinates of the step before that one,
+      :math:`d_{t-1}`.
   """
 
   grad_norm: jax.Array
@@ -104,19 +159,21 @@ class AdaptiveState(NamedTuple):
   clip_scale: jax.Array
   clip_cause: jax.Array
   loss_trend: jax.Array
-  log_threshold: jax.Array
-  log_floor: jax.Array
-  norm_mean: jax.Array
-  norm_var: jax.Array
-  trend_sums: jax.Array
-  slow_sums: jax.Array
-  recovering: jax.Array
-  loss_stats: jax.Array
-  norm_count: jax.Array
-  prev_params: jax.Array
-  prev_grads: jax.Array
-  prev_step: jax.Array
-  step_dots: jax.Array
+  stats: jax.Array
+
+  log_threshold = _stat("log_threshold")
+  log_floor = _stat("log_floor")
+  norm_mean = _stat("norm_mean")
+  norm_var = _stat("norm_var")
+  recovering = _stat("recovering")
+  norm_count = _stat("norm_count")
+  trend_sums = _stat("trend_sums")
+  slow_sums = _stat("slow_sums")
+  step_dots = _stat("step_dots")
+  loss_stats = _stat("loss_stats")
+  prev_params = _stat("prev_params")
+  prev_grads = _stat("prev_grads")
+  prev_step = _stat("prev_step")
 
 
 _metrics.register_state(
@@ -391,9 +448,11 @@ def adaptive(
     trouble), 3 (a spike) or 4 (`max_norm`); ``loss_trend`` is
     :math:`T_t`. Once released, ``clip_threshold`` is inf and ``clip_scale``
     1 except on spikes.
-  - No copy of the parameters: the state holds scalars and the subset of
-    coordinates of the last parameters, updates and step, three float32
-    vectors of about `coordinates` entries. Under GSPMD sharding the subset
+  - No copy of the parameters: the state holds its five metrics and one
+    float32 vector of 31 statistics and the subset of coordinates of the
+    last parameters, updates and step (about `coordinates` entries each):
+    six arrays, so that on a GPU writing the state takes few kernels. Under
+    GSPMD sharding the subset
     alone is gathered, never a leaf; under `axis_name` each device packs the
     subset of its own shards and the dot products are summed over the axis
     like the norm.
@@ -489,21 +548,23 @@ def adaptive(
         *_global_norm.init_norm_metrics(jnp.inf),
         clip_cause=f32(NONE),
         loss_trend=f32(0.0),
-        log_threshold=f32(jnp.inf),
-        log_floor=f32(-jnp.inf),
-        norm_mean=f32(0.0),
-        norm_var=f32(0.0),
-        trend_sums=jnp.zeros((2, 2), jnp.float32),
-        slow_sums=jnp.zeros((2,), jnp.float32),
-        recovering=f32(0.0),
-        loss_stats=jnp.concatenate([
-            jnp.array([jnp.nan, 0.0, 0.0, 0.0], jnp.float32),
-            jnp.zeros((_LAG + 1,), jnp.float32)]),
-        norm_count=jnp.zeros((), jnp.int32),
-        prev_params=zeros,
-        prev_grads=zeros,
-        prev_step=zeros,
-        step_dots=jnp.zeros((4,), jnp.float32),
+        stats=_pack(dict(
+            log_threshold=jnp.inf,
+            log_floor=-jnp.inf,
+            norm_mean=0.0,
+            norm_var=0.0,
+            recovering=0.0,
+            norm_count=0,
+            trend_sums=jnp.zeros((2, 2)),
+            slow_sums=jnp.zeros((2,)),
+            step_dots=jnp.zeros((4,)),
+            loss_stats=jnp.concatenate([
+                jnp.array([jnp.nan, 0.0, 0.0, 0.0]),
+                jnp.zeros((_LAG + 1,))]),
+            prev_params=zeros,
+            prev_grads=zeros,
+            prev_step=zeros,
+        )),
     )
 
   def update_fn(updates, state, params=None, *, loss=None, **extra_args):
@@ -534,7 +595,11 @@ def adaptive(
 
     def rule(norm, stats):
       (log_c, floor, mean, var, sums, slow, recovering, watch, count,
-       prev_p, prev_g, prev_d, step_dots) = stats
+       prev_p, prev_g, prev_d, step_dots) = (stats[k] for k in (
+           "log_threshold", "log_floor", "norm_mean", "norm_var",
+           "trend_sums", "slow_sums", "recovering", "loss_stats",
+           "norm_count", "prev_params", "prev_grads", "prev_step",
+           "step_dots"))
       log_n = jnp.log(jnp.maximum(norm, jnp.finfo(jnp.float32).tiny))
       first = count == 0
       # The estimated change of the loss over the last step, and its trend.
@@ -627,28 +692,28 @@ def adaptive(
                         jnp.where(spike < controller, SPIKE,
                                   jnp.where(recovering > 0, OVERSHOOT,
                                             START)))
-      new = (log_c, floor, new_mean, new_var, sums, slow, recovering,
-             watch, jnp.minimum(count + 1, 2),
-             prev_p if p_sub is None else p_sub, g_sub, d, new_dots)
+      new = dict(
+          log_threshold=log_c, log_floor=floor, norm_mean=new_mean,
+          norm_var=new_var, trend_sums=sums, slow_sums=slow,
+          recovering=recovering, loss_stats=watch,
+          norm_count=jnp.minimum(count + 1, 2),
+          prev_params=prev_p if p_sub is None else p_sub, prev_grads=g_sub,
+          prev_step=d, step_dots=new_dots)
       return threshold, new, cause, trend
 
-    stats = (state.log_threshold, state.log_floor, state.norm_mean, state.norm_var,
-             state.trend_sums, state.slow_sums, state.recovering,
-             state.loss_stats, state.norm_count,
-             state.prev_params, state.prev_grads, state.prev_step,
-             state.step_dots)
     norm = _numerics.global_norm(leaves, axis_name)
     value = f(norm.value)
     ok = jnp.isfinite(value)
-    threshold, new, cause, trend = rule(jnp.where(ok, value, 0.0), stats)
+    threshold, new, cause, trend = rule(jnp.where(ok, value, 0.0),
+                                        _unpack(state.stats))
     threshold = _history.ceiling(threshold, max_norm)
     cause = jnp.where(ok & (value > threshold),
                       jnp.where(cause == NONE, CEILING, cause), NONE)
     updates, _, scale = _global_norm.clip_global(updates, threshold, norm)
-    stats = _history.keep_if_finite(ok, new, stats)
     return updates, AdaptiveState(
         value, f(threshold), f(scale.applied), f(cause),
-        jnp.where(ok, trend, state.loss_trend), *stats)
+        jnp.where(ok, trend, state.loss_trend),
+        _history.keep_if_finite(ok, _pack(new), state.stats))
 
   return _metrics.named(
       optax.GradientTransformationExtraArgs(init_fn, update_fn), name)

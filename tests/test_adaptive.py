@@ -596,6 +596,37 @@ def test_adaptive_first_step_is_clipped_to_start_fraction():
   assert clipkit.metrics(state)["clip_cause"] == 1.0  # The slow start.
 
 
+def test_adaptive_statistics_read_by_name_from_a_vmapped_state():
+  """Each statistic read from a batch of states is that seed's own."""
+  tx = clipkit.adaptive(coordinates=4)
+  params = {"a": jnp.zeros((3, 5)), "b": jnp.zeros(2)}
+
+  def run(seed):
+    state = tx.init(params)
+    p = params
+    for k in range(3):
+      g = jax.tree.map(lambda x, k=k: jax.random.normal(
+          jax.random.fold_in(jax.random.key(seed), k), x.shape), p)
+      u, state = tx.update(g, state, p)
+      p = optax.apply_updates(p, u)
+    return state
+
+  batch = jax.vmap(run)(jnp.arange(3))
+  names = ("log_threshold", "log_floor", "norm_mean", "norm_var",
+           "recovering", "norm_count", "trend_sums", "slow_sums",
+           "step_dots", "loss_stats", "prev_params", "prev_grads",
+           "prev_step")
+  for seed in range(3):
+    one = run(seed)
+    assert one.prev_params.shape == ((one.stats.size - 31) // 3,)
+    assert one.trend_sums.shape == (2, 2)
+    assert one.norm_count.dtype == jnp.int32 and int(one.norm_count) == 2
+    for name in names:
+      np.testing.assert_allclose(getattr(batch, name)[seed],
+                                 getattr(one, name), rtol=1e-5, atol=1e-6,
+                                 err_msg=name)
+
+
 def test_adaptive_stays_released_while_norms_grow_and_the_loss_falls():
   # Plain gradient descent down a slope: the loss falls on every step. The
   # run is released after a slow start (slow here, 2% a step, as fast as a
