@@ -452,10 +452,9 @@ def adaptive(
     float32 vector of 31 statistics and the subset of coordinates of the
     last parameters, updates and step (about `coordinates` entries each):
     six arrays, so that on a GPU writing the state takes few kernels. Under
-    GSPMD sharding the subset
-    alone is gathered, never a leaf; under `axis_name` each device packs the
-    subset of its own shards and the dot products are summed over the axis
-    like the norm.
+    GSPMD sharding the subset alone is gathered, never a leaf; under
+    `axis_name` each device packs the subset of its own shards and the dot
+    products are summed over the axis like the norm.
   - A step whose norm is NaN or inf leaves every statistic, the subset
     buffers included, bit-identical; its updates pass through unchanged.
     A step whose loss estimate is not finite changes no trend statistic.
@@ -540,8 +539,8 @@ def adaptive(
   def init_fn(params):
     _validation.check_float_leaves(params)
     leaves = jax.tree.leaves(params)
-    # `* 0` rather than new zeros: the buffers keep the sharding that
-    # updates will give them.
+    # `* 0` rather than new zeros: the subset is built as updates build
+    # it, so that the state keeps the sharding that updates give it.
     zeros = _subset(leaves, n_coords).pack(leaves) * 0
     f32 = lambda v: jnp.asarray(v, jnp.float32)
     return AdaptiveState(
