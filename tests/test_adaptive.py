@@ -601,15 +601,15 @@ def test_adaptive_statistics_read_by_name_from_a_vmapped_state():
   tx = clipkit.adaptive(coordinates=4)
   params = {"a": jnp.zeros((3, 5)), "b": jnp.zeros(2)}
 
+  @jax.jit
   def run(seed):
-    state = tx.init(params)
-    p = params
-    for k in range(3):
-      g = jax.tree.map(lambda x, k=k: jax.random.normal(
+    def step(carry, k):
+      p, state = carry
+      g = jax.tree.map(lambda x: jax.random.normal(
           jax.random.fold_in(jax.random.key(seed), k), x.shape), p)
       u, state = tx.update(g, state, p)
-      p = optax.apply_updates(p, u)
-    return state
+      return (optax.apply_updates(p, u), state), None
+    return jax.lax.scan(step, (params, tx.init(params)), jnp.arange(3))[0][1]
 
   batch = jax.vmap(run)(jnp.arange(3))
   names = ("log_threshold", "log_floor", "norm_mean", "norm_var",
