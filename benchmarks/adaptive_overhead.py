@@ -3,7 +3,8 @@
 Times ``adamw``, the same chained after optax's ``clip_by_global_norm(1)``,
 after ``global_norm(1)`` and after ``adaptive()``, on a tree of 16M
 parameters (``--params``) in 64 leaves, round by round in rotating order,
-and reports each as a median ratio to AdamW.
+and reports each as a median ratio to AdamW and to ``global_norm(1)`` +
+AdamW.
 Run: ``python benchmarks/adaptive_overhead.py [--quick] [--params N]``.
 """
 
@@ -44,9 +45,11 @@ def main():
                                      rounds=5 if args.quick else 15, inner=2)
   print(f"{_harness.machine()}; {_harness.n_params(tree):,} parameters\n")
   rows = [[name, 1e3 * sorted(t)[len(t) // 2],
-           _harness.median_ratio(times, name, "adamw")]
+           _harness.median_ratio(times, name, "adamw"),
+           _harness.median_ratio(times, name, "global_norm(1) + adamw")]
           for name, t in times.items()]
-  print(_harness.table(["step", "ms (median)", "vs adamw"], rows))
+  print(_harness.table(["step", "ms (median)", "vs adamw", "vs global_norm"],
+                       rows))
 
 
 if __name__ == "__main__":
