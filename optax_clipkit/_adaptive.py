@@ -62,39 +62,33 @@ NONE, START, OVERSHOOT, SPIKE, CEILING = 0.0, 1.0, 2.0, 3.0, 4.0
 
 
 # The controller's statistics: one float32 vector, `AdaptiveState.stats`, of
-# these (name, size), then the three subset vectors. On a GPU each array of
+# these (name, shape), then the three subset vectors. On a GPU each array of
 # a state is written by a kernel of its own: with the statistics in 13
 # arrays, an `adaptive()` + AdamW step of 16M parameters took 1.17-1.30x
 # AdamW's time on an H200, 1.10-1.17x with them in one vector (2026-11-27;
 # docs/adaptive.md, "Results", goal 5).
-_SCALARS = (("log_threshold", 1), ("log_floor", 1), ("norm_mean", 1),
-            ("norm_var", 1), ("recovering", 1), ("norm_count", 1),
-            ("trend_sums", 4), ("slow_sums", 2), ("step_dots", 4),
-            ("loss_stats", 15))
-_SHAPES = {"trend_sums": (2, 2)}
+_STATS = (("log_threshold", ()), ("log_floor", ()), ("norm_mean", ()),
+          ("norm_var", ()), ("recovering", ()), ("norm_count", ()),
+          ("trend_sums", (2, 2)), ("slow_sums", (2,)), ("step_dots", (4,)),
+          ("loss_stats", (4 + _LAG + 1,)))
 _VECTORS = ("prev_params", "prev_grads", "prev_step")
-_N_SCALARS = sum(size for _, size in _SCALARS)
+_N_SCALARS = sum(math.prod(shape) for _, shape in _STATS)
 
 
-def _layout(n: int) -> dict[str, tuple[int, int]]:
-  """Where each statistic lies in `stats`, for subset vectors of `n`."""
-  out, start = {}, 0
-  for name, size in _SCALARS + tuple((v, n) for v in _VECTORS):
-    out[name] = (start, start + size)
-    start += size
+def _layout(n: int) -> list[tuple[str, int, tuple[int, ...]]]:
+  """(name, offset, shape) of each statistic, for subset vectors of `n`."""
+  out, start = [], 0
+  for name, shape in _STATS + tuple((v, (n,)) for v in _VECTORS):
+    out.append((name, start, shape))
+    start += math.prod(shape)
   return out
 
 
 def _unpack(stats: jax.Array) -> dict[str, jax.Array]:
   """The statistics in `stats` (with any leading batch dimensions)."""
   n = (stats.shape[-1] - _N_SCALARS) // len(_VECTORS)
-  out = {}
-  for name, (a, b) in _layout(n).items():
-    x = stats[..., a:b]
-    if b - a == 1 and name not in _VECTORS:
-      x = x[..., 0]
-    out[name] = x.reshape(x.shape[:-1] + _SHAPES[name]
-                          if name in _SHAPES else x.shape)
+  out = {name: stats[..., a:a + math.prod(shape)].reshape(
+      stats.shape[:-1] + shape) for name, a, shape in _layout(n)}
   out["norm_count"] = out["norm_count"].astype(jnp.int32)
   return out
 
@@ -103,7 +97,7 @@ def _pack(values: dict[str, jax.Array]) -> jax.Array:
   """`_unpack`'s inverse, for unbatched statistics."""
   return jnp.concatenate(
       [jnp.asarray(values[name], jnp.float32).reshape(-1)
-       for name, _ in _SCALARS] + [values[v] for v in _VECTORS])
+       for name, _ in _STATS] + [values[v] for v in _VECTORS])
 
 
 def _stat(name: str) -> property:
