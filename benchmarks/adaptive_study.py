@@ -15,7 +15,8 @@ The tasks live in ``adaptive_tasks.py``, split into the design tasks the rule
 was tuned on and held-out tasks that only report. The script prints the full
 table and the five goals of the rule as met or missed, and writes JSON.
 
-Run: ``python benchmarks/adaptive_study.py [--quick] [--json F]``.
+Run: ``python benchmarks/adaptive_study.py [--quick] [--json F]``;
+``--only TASK --steps 2000`` trains one task's cells five times longer.
 """
 
 from __future__ import annotations
@@ -273,14 +274,17 @@ def main():
                       help="3 tasks with SGD, 60 steps, 2 seeds: a smoke run")
   parser.add_argument("--json", default=None,
                       help=f"where to write the results (default {RESULTS};"
-                      " --quick, --only and --seeds write nothing unless"
-                      " given)")
+                      " --quick, --only, --seeds and --steps write nothing"
+                      " unless given)")
   parser.add_argument("--first-seed", type=int, default=0,
                       help="seeds are first-seed, first-seed + 1, ...")
   parser.add_argument("--seeds", type=int, default=None,
                       help="seeds per cell (default 10; 2 with --quick)")
   parser.add_argument("--only", default=None,
                       help='one cell ("adding-lstm / sgd") or one task')
+  parser.add_argument("--steps", type=int, default=None,
+                      help="training steps per run (default 400; 60 with"
+                      " --quick)")
   args = parser.parse_args()
   global FIRST_SEED
   FIRST_SEED = args.first_seed
@@ -289,6 +293,10 @@ def main():
     if args.seeds < 1:
       parser.error(f"--seeds must be at least 1, got {args.seeds}")
     seeds = args.seeds
+  if args.steps is not None:
+    if args.steps < 1:
+      parser.error(f"--steps must be at least 1, got {args.steps}")
+    steps = args.steps
   t0 = time.perf_counter()
   with jax.numpy_dtype_promotion("standard"):
     scores, raw, fractions, traces = study(steps, seeds, args.quick,
@@ -311,7 +319,8 @@ def main():
         print(f"  {k}: {'met' if ok else 'MISSED'} ({why})")
   for key, text in traces.items():
     print(f"\nTrace of adaptive() on {key}:\n{text}")
-  partial = args.quick or args.only is not None or args.seeds is not None
+  partial = (args.quick or args.only is not None or args.seeds is not None
+             or args.steps is not None)
   path = args.json or (None if partial else RESULTS)
   if path:
     with open(path, "w") as f:

@@ -85,12 +85,17 @@ def test_exploding_rejects_no_seeds():
       proc.stderr)
 
 
-def test_study_rejects_no_seeds_and_unknown_cells():
+def test_study_rejects_no_seeds_no_steps_and_unknown_cells():
   script = str(BENCHMARKS / "adaptive_study.py")
   proc = subprocess.run([sys.executable, script, "--seeds", "0"],
                         capture_output=True, text=True, timeout=300,
                         check=False)
   assert proc.returncode != 0 and "--seeds must be at least 1, got 0" in (
+      proc.stderr)
+  proc = subprocess.run([sys.executable, script, "--steps", "0"],
+                        capture_output=True, text=True, timeout=300,
+                        check=False)
+  assert proc.returncode != 0 and "--steps must be at least 1, got 0" in (
       proc.stderr)
   proc = subprocess.run([sys.executable, script, "--only", "no-such-task"],
                         capture_output=True, text=True, timeout=300,
