@@ -155,19 +155,11 @@ class AdaptiveState(NamedTuple):
   loss_trend: jax.Array
   stats: jax.Array
 
-  log_threshold = _stat("log_threshold")
-  log_floor = _stat("log_floor")
-  norm_mean = _stat("norm_mean")
-  norm_var = _stat("norm_var")
-  recovering = _stat("recovering")
-  norm_count = _stat("norm_count")
-  trend_sums = _stat("trend_sums")
-  slow_sums = _stat("slow_sums")
-  step_dots = _stat("step_dots")
-  loss_stats = _stat("loss_stats")
-  prev_params = _stat("prev_params")
-  prev_grads = _stat("prev_grads")
-  prev_step = _stat("prev_step")
+
+# Each statistic an attribute, from the layout itself.
+for _name in [name for name, _ in _STATS] + list(_VECTORS):
+  setattr(AdaptiveState, _name, _stat(_name))
+del _name
 
 
 _metrics.register_state(
