@@ -14,8 +14,8 @@ quadratic), less the minibatch noise that the step's own gradient puts into
 it (estimated from a fit of the step to the last step and gradient, and, in
 two ways that err in different places, from two independent minibatch
 gradients: the lower of the two readings counts). The dot products run over
-a fixed strided subset of coordinates of every leaf (at most `coordinates`
-in all), weighted by each leaf's size over its share, so the estimate is
+a fixed strided subset of coordinates of every leaf (about `coordinates`
+in all, at least one per leaf), weighted by each leaf's size over its share, so the estimate is
 global, cheap, and needs no copy of the parameters. The kept coordinates
 are packed into one vector, so that the dot products are one small
 reduction, not two per leaf: on a GPU each is a kernel launch. Under GSPMD
@@ -113,10 +113,13 @@ class AdaptiveState(NamedTuple):
 
   Attributes:
     grad_norm: Global L2 norm of the last incoming updates (float32).
-    clip_threshold: The threshold of the last update (inf when released).
+    clip_threshold: The threshold applied to the last update: the lowest of
+      the controller's, the spike cap and `max_norm` (once released, the
+      spike cap or `max_norm`).
     clip_scale: The factor the last updates were multiplied by.
     clip_cause: Why the last updates were clipped: 0 not clipped, 1 the
-      slow start, 2 the loss was rising, 3 a norm spike, 4 `max_norm`.
+      slow start, 2 the controller after the loss has been seen rising, 3 a
+      norm spike, 4 `max_norm` (where it is below the rule's threshold).
     loss_trend: The trend :math:`T_t` in [-1, 1] of the estimated loss
       changes: below 0 the loss falls, above `trouble` it is rising (the
       lower of the trends of the two noise estimates).
@@ -261,6 +264,23 @@ def _self_noise(a, d1d1, g1g1, dd1, step_dots, valid):
   return jnp.where(ok & jnp.isfinite(noise), noise, 0.0)
 
 
+def _check_params(params, updates) -> None:
+  """Raises ValueError unless `params` have the updates' leaf shapes."""
+  p_leaves = jax.tree.leaves(params)
+  paths = jax.tree_util.tree_flatten_with_path(updates)[0]
+  if len(p_leaves) != len(paths):
+    raise ValueError(
+        "`params` must have the leaves and shapes of the updates, got"
+        f" {len(p_leaves)} leaves ({jax.tree.structure(params)}) for the"
+        f" updates' {len(paths)} ({jax.tree.structure(updates)}).")
+  for p, (path, u) in zip(p_leaves, paths):
+    if p.shape != u.shape:
+      raise ValueError(
+          "`params` must have the leaves and shapes of the updates, got"
+          f" shape {p.shape} for the leaf {jax.tree_util.keystr(path)} of"
+          f" the updates, of shape {u.shape}.")
+
+
 def _ratio(sums):
   """Trends in [-1, 1] from the EMAs of the rises and of their scale."""
   positive = sums[1] > 0
@@ -319,7 +339,7 @@ def adaptive(
   gradients are clipped the threshold *is* the step size, so the controller
   searches the largest step that still lowers the loss, as the bold driver
   does for the learning rate; a run whose steps never raise the loss is
-  released within a few dozen steps and then only spikes are clipped.
+  released within about a hundred steps and then only spikes are clipped.
 
   **Loss estimate.** With :math:`d_t = \theta_t - \theta_{t-1}` the step
   taken (whatever the optimizer) and :math:`g_t` the incoming updates,
@@ -430,10 +450,12 @@ def adaptive(
   Guarantees:
 
   - The metrics say when and why it clipped: ``clip_cause`` is 0 (not
-    clipped), 1 (slow start), 2 (the loss was rising: the controller after
-    trouble), 3 (a spike) or 4 (`max_norm`); ``loss_trend`` is
-    :math:`T_t`. Once released, ``clip_threshold`` is inf and ``clip_scale``
-    1 except on spikes.
+    clipped), 1 (slow start), 2 (the controller, once the loss has been
+    seen rising: it is cut on the steps in trouble and recovers on the
+    others), 3 (a spike) or 4 (`max_norm`, where it is below the rule's
+    threshold); ``loss_trend`` is :math:`T_t`. Once released,
+    ``clip_threshold`` is the spike cap (or `max_norm`) and ``clip_scale``
+    is 1 except on spikes.
   - No copy of the parameters: the state holds its five metrics and one
     float32 vector of 31 statistics and the subset of coordinates of the
     last parameters, updates and step (about `coordinates` entries each):
@@ -456,9 +478,10 @@ def adaptive(
   Args:
     start: :math:`s` in (0, 1], the first threshold as a fraction of the
       first norm.
-    slow_start: The growth factor per step (>= 1) before the first trouble,
-      at :math:`T_t = -1`.
-    recovery: The growth factor per step (>= 1) after the first trouble.
+    slow_start: The growth factor per step (finite, >= 1) before the first
+      trouble, at :math:`T_t = -1`.
+    recovery: The growth factor per step (finite, >= 1) after the first
+      trouble.
     cut_rate: :math:`\kappa` >= 0, finite: each step in trouble lowers
       :math:`\log c_t` by :math:`\kappa` times the trend.
     trouble: :math:`\tau` in [-1, 1], the trend above which a rise of the
@@ -469,7 +492,8 @@ def adaptive(
     spike_z: :math:`z` > 0, the z-score of the log norm that is a spike.
     spike_decay: :math:`\rho` in (0, 1).
     coordinates: Structural: about how many coordinates the loss estimate
-      reads (an int >= 1; it fixes the shapes of the state).
+      reads, at least one per leaf (an int >= 1; it fixes the shapes of the
+      state, so with `optax.inject_hyperparams` list it in `static_args`).
     max_norm: Optional absolute ceiling on the threshold, a non-negative
       number.
     axis_name: Mapped axis name(s) over which the norm and the loss estimate
@@ -508,9 +532,11 @@ def adaptive(
   _validation.check_number("cut_rate", cut_rate, low=0.0, high=math.inf,
                            high_open=True,
                            expected="a finite non-negative number")
-  for arg, value in (("slow_start", slow_start), ("recovery", recovery),
-                      ("release", release)):
-    _validation.check_number(arg, value, low=1.0, expected="a number >= 1")
+  for arg, value in (("slow_start", slow_start), ("recovery", recovery)):
+    _validation.check_number(arg, value, low=1.0, high=math.inf,
+                             high_open=True, expected="a finite number >= 1")
+  _validation.check_number("release", release, low=1.0,
+                           expected="a number >= 1")
   _validation.check_number("trouble", trouble, low=-1.0, high=1.0,
                            expected="a number in [-1, 1]")
   for arg, value in (("trend_decay", trend_decay),
@@ -562,12 +588,8 @@ def adaptive(
     g_sub = coords.pack(leaves)
     p_sub = None
     if params is not None:
+      _check_params(params, updates)
       p_leaves = jax.tree.leaves(params)
-      if [x.shape for x in p_leaves] != [x.shape for x in leaves]:
-        raise ValueError(
-            "`params` must have the leaves and shapes of the updates, got"
-            f" {jax.tree.structure(params)} for updates"
-            f" {jax.tree.structure(updates)}.")
       p_sub = coords.pack(p_leaves)
     f = _numerics.as_f32
 
@@ -691,12 +713,13 @@ def adaptive(
     ok = jnp.isfinite(value)
     threshold, new, cause, trend = rule(jnp.where(ok, value, 0.0),
                                         _unpack(state.stats))
-    threshold = _history.ceiling(threshold, max_norm)
-    cause = jnp.where(ok & (value > threshold),
-                      jnp.where(cause == NONE, CEILING, cause), NONE)
-    updates, _, scale = _global_norm.clip_global(updates, threshold, norm)
+    capped = _history.ceiling(threshold, max_norm)
+    # `max_norm` is the cause wherever it binds, below the rule's threshold.
+    cause = jnp.where(ok & (value > capped),
+                      jnp.where(capped < threshold, CEILING, cause), NONE)
+    updates, _, scale = _global_norm.clip_global(updates, capped, norm)
     return updates, AdaptiveState(
-        value, f(threshold), f(scale.applied), f(cause),
+        value, f(capped), f(scale.applied), f(cause),
         jnp.where(ok, trend, state.loss_trend),
         _history.keep_if_finite(ok, _pack(new), state.stats))
 

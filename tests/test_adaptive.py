@@ -224,7 +224,10 @@ def test_norm_beyond_float32_is_clipped_after_warmup(name):
     (clipkit.adaptive, "cut_rate", -0.1, "a finite non-negative number"),
     (clipkit.adaptive, "cut_rate", float("inf"),
      "a finite non-negative number"),
-    (clipkit.adaptive, "slow_start", 0.9, "a number >= 1"),
+    (clipkit.adaptive, "slow_start", 0.9, "a finite number >= 1"),
+    (clipkit.adaptive, "slow_start", float("inf"), "a finite number >= 1"),
+    (clipkit.adaptive, "recovery", float("inf"), "a finite number >= 1"),
+    (clipkit.adaptive, "release", 0.5, "a number >= 1"),
     (clipkit.adaptive, "trouble", 1.5, "a number in \\[-1, 1\\]"),
     (clipkit.adaptive, "trend_decay", 1.0, "a number in \\(0, 1\\)"),
     (clipkit.adaptive, "coordinates", 0, "an integer >= 1"),
@@ -656,9 +659,30 @@ def test_adaptive_stays_released_while_norms_grow_and_the_loss_falls():
 
 def test_adaptive_params_must_match_updates():
   tx = clipkit.adaptive()
-  g = {"w": jnp.ones(3)}
-  with pytest.raises(ValueError, match="`params`"):
-    tx.update(g, tx.init(g), {"w": jnp.ones(3), "v": jnp.ones(2)})
+  g = {"b": jnp.ones(2), "w": jnp.ones(3)}
+  with pytest.raises(ValueError, match="`params` .* 3 leaves .* updates' 2"):
+    tx.update(g, tx.init(g), {"w": jnp.ones(3), "v": jnp.ones(2),
+                              "c": jnp.ones(1)})
+  # Same structure, one shape off: the message names the leaf.
+  with pytest.raises(ValueError, match=r"shape \(4,\) for the leaf \['w'\]"
+                     r" of the updates, of shape \(3,\)"):
+    tx.update(g, tx.init(g), {"b": jnp.ones(2), "w": jnp.ones(4)})
+
+
+@pytest.mark.parametrize("max_norm,cause", [(1e-3, 4.0), (100.0, 1.0)])
+def test_adaptive_cause_is_max_norm_wherever_it_binds(max_norm, cause):
+  # The slow start clips the first steps to 1-2% of the norm (cause 1);
+  # a ceiling below that binds instead, and the metrics say so (cause 4).
+  tx = clipkit.adaptive(max_norm=max_norm)
+  g = {"w": jnp.full(3, 2.0)}
+  state = tx.init(g)
+  for _ in range(3):
+    out, state = tx.update(g, state, g)
+    m = clipkit.metrics(state)
+    assert float(m["clip_cause"]) == cause
+    np.testing.assert_allclose(np.linalg.norm(out["w"]), m["clip_threshold"],
+                               rtol=1e-5)
+  assert (m["clip_threshold"] == max_norm) == (cause == 4.0)
 
 
 def _run_with_losses(losses):
