@@ -253,8 +253,10 @@ def _collect(opt_state: Any) -> dict[str, jax.Array]:
   out = {}
   if plain:
     paths = [p for p, _ in plain]
+    # A state at the root of `opt_state` (one that wraps the others, such
+    # as `skip_spikes`') keeps plain keys.
     prefixes = ([""] if len(plain) == 1
-                else [n + "/" for n in _prefixes(paths)])
+                else [n + "/" if n else "" for n in _prefixes(paths)])
     for prefix, (_, m) in zip(prefixes, plain):
       out.update({prefix + k: v for k, v in m.items()})
   clash = set(out) & set(named_out)

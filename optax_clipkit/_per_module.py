@@ -202,9 +202,11 @@ def per_module(
   and never per step; the groups are views of the one update tree (other
   groups' leaves are `optax.MaskedNode`), not copies of it.
 
-  In :func:`optax_clipkit.metrics`, each group's stats are prefixed by the
-  group's name: its pattern or class name, or the name given as a rule's
-  third element; the default group is named ``"default"``.
+  In :func:`optax_clipkit.metrics`, where several groups hold clipkit
+  transformations, each group's stats are prefixed by the group's name: its
+  pattern or class name, or the name given as a rule's third element; the
+  default group is named ``"default"``. As everywhere, the keys of a lone
+  clipkit state are plain, and a transformation given ``name=`` keeps it.
 
   Args:
     rules: A mapping from key to transformation, or a sequence of

@@ -63,6 +63,31 @@ def test_per_module_named_keys():
       "pm/grad_norm", "pm/clip_threshold", "pm/clip_scale"}
 
 
+def test_per_module_prefixes_groups_only_among_several():
+  g = {"enc": jnp.ones(3), "head": jnp.ones(2)}
+  for rules, default, want in [
+      ({"enc": clipkit.global_norm(1.0)}, optax.identity(), {"grad_norm"}),
+      ({"enc": clipkit.global_norm(1.0), "head": clipkit.global_norm(2.0)},
+       None, {"enc/grad_norm", "head/grad_norm"}),
+      ({"enc": clipkit.global_norm(1.0, name="A"),
+        "head": clipkit.global_norm(2.0)}, None,
+       {"A/grad_norm", "grad_norm"}),
+  ]:
+    tx = clipkit.per_module(rules, default=default)
+    m = clipkit.metrics(tx.update(g, tx.init(g))[1])
+    assert {k for k in m if k.endswith("grad_norm")} == want
+
+
+def test_a_wrapping_state_at_the_root_keeps_plain_keys():
+  # skip_spikes' state holds its inner chain's: its own keys stay plain.
+  g = {"w": jnp.ones(3)}
+  tx = clipkit.skip_spikes(optax.chain(clipkit.global_norm(1.0),
+                                       optax.sgd(0.1)))
+  m = clipkit.metrics(tx.update(g, tx.init(g), g)[1])
+  assert {"skipped", "skip_count", "inner_state/0/grad_norm"} <= set(m)
+  assert not [k for k in m if k.startswith("/")], sorted(m)
+
+
 def test_zclip_threshold_is_finite_and_in_force():
   tx = clipkit.zclip(z_threshold=2.5, warmup=3)
   state = tx.init({"w": jnp.zeros(1)})
