@@ -56,60 +56,66 @@ _SUSTAINED_DECAY, _SUSTAINED, _BELOW = 0.99, 0.1, 0.05
 # The evidence that a sustained rise of the passed loss counts as: the level
 # of a clear rise, as for a released run at the default `trouble`.
 _CLEAR = 0.5
+# The spike cap reads the log norms' variance as at least this: a norm held
+# exactly constant for some 2,000 steps underflows the variance to 0, and
+# the cap, at the mean, then clips every rise as a spike, for good.
+_VAR_FLOOR = 1e-4
 
 # Values of `clip_cause`.
 NONE, START, OVERSHOOT, SPIKE, CEILING = 0.0, 1.0, 2.0, 3.0, 4.0
 
 
 # The controller's statistics: one float32 vector, `AdaptiveState.stats`, of
-# these (name, shape), then the three subset vectors. On a GPU each array of
-# a state is written by a kernel of its own: with the statistics in 13
-# arrays, an `adaptive()` + AdamW step of 16M parameters took 1.17-1.30x
-# AdamW's time on an H200, 1.10-1.17x with them in one vector (2026-11-27;
-# docs/adaptive.md, "Results", goal 5).
+# these (name, shape); the three subset vectors are the rows of a second
+# array, `AdaptiveState.subset`. On a GPU each array of a state is written
+# by a kernel of its own: with the statistics in 13 arrays, an `adaptive()`
+# + AdamW step of 16M parameters took 1.17-1.30x AdamW's time on an H200,
+# 1.10-1.17x with them in one vector (2026-11-27; docs/adaptive.md,
+# "Results", goal 5). The subset is an array of its own because under
+# `shard_map` it differs from device to device (each packs its own shards)
+# while the statistics, computed from sums over the axis, do not.
 _STATS = (("log_threshold", ()), ("log_floor", ()), ("norm_mean", ()),
           ("norm_var", ()), ("recovering", ()), ("norm_count", ()),
-          ("trend_sums", (2, 2)), ("slow_sums", (2,)), ("step_dots", (4,)),
-          ("loss_stats", (4 + _LAG + 1,)))
+          ("estimate_count", ()), ("trend_sums", (2, 2)), ("slow_sums", (2,)),
+          ("step_dots", (4,)), ("loss_stats", (4 + _LAG + 1,)))
 _VECTORS = ("prev_params", "prev_grads", "prev_step")
-_N_SCALARS = sum(math.prod(shape) for _, shape in _STATS)
+_N_STATS = sum(math.prod(shape) for _, shape in _STATS)
+_COUNTS = ("norm_count", "estimate_count")
 
 
-def _layout(n: int) -> list[tuple[str, int, tuple[int, ...]]]:
-  """(name, offset, shape) of each statistic, for subset vectors of `n`."""
-  out, start = [], 0
-  for name, shape in _STATS + tuple((v, (n,)) for v in _VECTORS):
-    out.append((name, start, shape))
-    start += math.prod(shape)
+def _unpack(stats: jax.Array, subset: jax.Array) -> dict[str, jax.Array]:
+  """The statistics in `stats` and `subset` (with any batch dimensions)."""
+  out, start = {}, 0
+  for name, shape in _STATS:
+    size = math.prod(shape)
+    out[name] = stats[..., start:start + size].reshape(
+        stats.shape[:-1] + shape)
+    start += size
+  for name in _COUNTS:
+    out[name] = out[name].astype(jnp.int32)
+  for i, name in enumerate(_VECTORS):
+    out[name] = subset[..., i, :]
   return out
 
 
-def _unpack(stats: jax.Array) -> dict[str, jax.Array]:
-  """The statistics in `stats` (with any leading batch dimensions)."""
-  n = (stats.shape[-1] - _N_SCALARS) // len(_VECTORS)
-  out = {name: stats[..., a:a + math.prod(shape)].reshape(
-      stats.shape[:-1] + shape) for name, a, shape in _layout(n)}
-  out["norm_count"] = out["norm_count"].astype(jnp.int32)
-  return out
-
-
-def _pack(values: dict[str, jax.Array]) -> jax.Array:
+def _pack(values: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
   """`_unpack`'s inverse, for unbatched statistics."""
-  return jnp.concatenate(
-      [jnp.asarray(values[name], jnp.float32).reshape(-1)
-       for name, _ in _STATS] + [values[v] for v in _VECTORS])
+  return (jnp.concatenate([jnp.asarray(values[name], jnp.float32).reshape(-1)
+                           for name, _ in _STATS]),
+          jnp.stack([values[v] for v in _VECTORS]))
 
 
 def _stat(name: str) -> property:
-  return property(lambda self: _unpack(self.stats)[name],
-                  doc=f"`{name}`, read from `stats`.")
+  return property(lambda self: _unpack(self.stats, self.subset)[name],
+                  doc=f"`{name}`, read from `stats` or `subset`.")
 
 
 class AdaptiveState(NamedTuple):
   """State of `adaptive`.
 
   The metrics are fields of their own; the controller's statistics are one
-  float32 vector, `stats`, and each can be read by its name (an attribute).
+  float32 vector, `stats`, the subset buffers one float32 array, `subset`,
+  and each can be read by its name (an attribute).
 
   Attributes:
     grad_norm: Global L2 norm of the last incoming updates (float32).
@@ -123,15 +129,21 @@ class AdaptiveState(NamedTuple):
     loss_trend: The trend :math:`T_t` in [-1, 1] of the estimated loss
       changes: below 0 the loss falls, above `trouble` it is rising (the
       lower of the trends of the two noise estimates).
-    stats: The statistics below, in this order, as one float32 vector of
-      31 + 3 x (about `coordinates`) entries.
+    stats: The statistics below, from `log_threshold` to `loss_stats` in
+      this order, as one float32 vector of 32 entries.
+    subset: `prev_params`, `prev_grads` and `prev_step`, the rows of one
+      float32 array of shape (3, about `coordinates`); under `shard_map`,
+      each device's own.
     log_threshold: The controller's threshold, :math:`\\log c_t`.
     log_floor: Its floor, :math:`\\log c_1`.
     norm_mean: EMA mean of the log norms (after spike capping).
     norm_var: EMA variance of the log norms.
     recovering: 1.0 once the loss has been seen rising (slow recovery), else
       0.0 (slow start).
-    norm_count: Count of finite steps, saturating at 2 (read as int32).
+    norm_count: Count of steps with a finite, non-zero norm, saturating at
+      2 (read as int32).
+    estimate_count: The same, reset by a step without `params`: the loss
+      estimate needs two steps with them in a row (read as int32).
     trend_sums: EMAs of :math:`\\Delta L` (first row) and of its scale
       (second row), one column per noise estimate (2 x 2 floats).
     slow_sums: The same over the slow EMA that tells a sustained rise,
@@ -157,6 +169,7 @@ class AdaptiveState(NamedTuple):
   clip_cause: jax.Array
   loss_trend: jax.Array
   stats: jax.Array
+  subset: jax.Array
 
 
 # Each statistic an attribute, from the layout itself.
@@ -186,7 +199,9 @@ class _Subset(NamedTuple):
   """Which coordinates the loss estimate reads, fixed by the leaves' shapes.
 
   `strides` per leaf (None for an empty leaf); `weights` per kept coordinate,
-  in the order `pack` gives them: the leaf's size over its share.
+  in the order `pack` gives them: the leaf's size over its share. A complex
+  leaf's coordinates count twice, as their real and imaginary parts (the
+  real part of :math:`\bar x y` sums both products).
   """
 
   strides: tuple[tuple[int, ...] | None, ...]
@@ -197,12 +212,41 @@ class _Subset(NamedTuple):
 
     One vector rather than one small array per leaf: the dot products are
     then one reduction, not two per leaf (on a GPU, a kernel launch each).
+    Leaves sharded over a mesh of explicit axes are sliced shard by shard
+    there too, and only the vector is gathered.
     """
-    parts = [_numerics.as_f32(x[tuple(slice(None, None, k) for k in s)]
-                              ).reshape(-1)
-             for x, s in zip(leaves, self.strides) if s is not None]
-    return (jnp.concatenate(parts) if parts
+    mesh = _explicit_mesh(leaves)
+    if mesh is None:
+      return self._pack(leaves)
+    return jax.sharding.auto_axes(
+        self._pack, out_sharding=jax.sharding.NamedSharding(
+            mesh, jax.sharding.PartitionSpec()))(leaves)
+
+  def _pack(self, leaves) -> jax.Array:
+    parts = []
+    for x, s in zip(leaves, self.strides):
+      if s is None:
+        continue
+      kept = x[tuple(slice(None, None, k) for k in s)].reshape(-1)
+      if jnp.iscomplexobj(kept):
+        parts += [jnp.real(kept), jnp.imag(kept)]
+      else:
+        parts.append(kept)
+    return (jnp.concatenate([_numerics.as_f32(x) for x in parts]) if parts
             else jnp.zeros((0,), jnp.float32))
+
+
+def _explicit_mesh(leaves):
+  """The mesh of the first leaf sharded over explicit axes, or None."""
+  explicit = getattr(getattr(jax.sharding, "AxisType", None), "Explicit",
+                     None)
+  if explicit is None or not hasattr(jax, "typeof"):
+    return None  # A jax without explicit sharding.
+  for x in leaves:
+    mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+    if explicit in getattr(mesh, "axis_types", ()):
+      return mesh
+  return None
 
 
 def _subset(leaves, coordinates: int) -> _Subset:
@@ -218,7 +262,8 @@ def _subset(leaves, coordinates: int) -> _Subset:
     strides.append(_strides(x.shape, budget))
     kept = int(np.prod([-(-n // k) for n, k in zip(x.shape, strides[-1])],
                        dtype=np.int64))
-    weights.append(np.full(kept, size / kept, np.float32))
+    parts = 2 if jnp.iscomplexobj(x) else 1  # Real and imaginary parts.
+    weights.append(np.full(kept * parts, size / kept, np.float32))
   return _Subset(tuple(strides), np.concatenate(weights) if weights
                  else np.zeros((0,), np.float32))
 
@@ -456,24 +501,32 @@ def adaptive(
     threshold); ``loss_trend`` is :math:`T_t`. Once released,
     ``clip_threshold`` is the spike cap (or `max_norm`) and ``clip_scale``
     is 1 except on spikes.
-  - No copy of the parameters: the state holds its five metrics and one
-    float32 vector of 31 statistics and the subset of coordinates of the
-    last parameters, updates and step (about `coordinates` entries each):
-    six arrays, so that on a GPU writing the state takes few kernels. Under
-    GSPMD sharding the subset alone is gathered, never a leaf; under
-    `axis_name` each device packs the subset of its own shards and the dot
-    products are summed over the axis like the norm.
-  - A step whose norm is NaN or inf leaves every statistic, the subset
-    buffers included, bit-identical; its updates pass through unchanged.
-    A step whose loss estimate is not finite changes no trend statistic.
+  - No copy of the parameters: the state holds its five metrics, one
+    float32 vector of 32 statistics and one array of the subset of
+    coordinates of the last parameters, updates and step (about
+    `coordinates` entries each; a leaf with short dimensions, such as a
+    convolution's 3 x 3, keeps more): seven arrays, so that on a GPU
+    writing the state takes few kernels. Under GSPMD sharding (explicit
+    mesh axes too) the subset alone is gathered, never a leaf; under
+    `axis_name` each device packs the subset of its own shards (its own
+    `subset`, while every other field is the same on every device) and the
+    dot products are summed over the axis like the norm.
+  - A step whose updates are not finite leaves every statistic, the subset
+    buffers included, bit-identical, and its updates pass through
+    unchanged. So does a step whose norm is 0 (a batch masked out), and a
+    step of finite updates whose norm overflows float32, whose updates are
+    clipped to the threshold in force (on the first step, where there is
+    none yet, to `max_norm` if given). A step whose loss estimate is not
+    finite changes no trend statistic.
   - The loss is optional and can only add trouble (cuts),
     never release the threshold; a loss that is not finite changes nothing.
     Other extra arguments are ignored.
   - ``tx.update(updates, state)`` without `params` degrades gracefully:
     there is no loss estimate (:math:`T_t = 0`), so the rule is its slow
     start at the full rate :math:`r_t = \log` `slow_start`, then release
-    with spike clipping. `params` must otherwise have
-    the leaves and shapes of the updates (ValueError).
+    with spike clipping. `params` must otherwise have the leaves and shapes
+    of the updates (ValueError); after a step without them, the estimate
+    waits for two steps with them.
 
   Args:
     start: :math:`s` in (0, 1], the first threshold as a fraction of the
@@ -555,27 +608,30 @@ def adaptive(
     # it, so that the state keeps the sharding that updates give it.
     zeros = _subset(leaves, n_coords).pack(leaves) * 0
     f32 = lambda v: jnp.asarray(v, jnp.float32)
+    stats, subset = _pack(dict(
+        log_threshold=jnp.inf,
+        log_floor=-jnp.inf,
+        norm_mean=0.0,
+        norm_var=0.0,
+        recovering=0.0,
+        norm_count=0,
+        estimate_count=0,
+        trend_sums=jnp.zeros((2, 2)),
+        slow_sums=jnp.zeros((2,)),
+        step_dots=jnp.zeros((4,)),
+        loss_stats=jnp.concatenate([
+            jnp.array([jnp.nan, 0.0, 0.0, 0.0]),
+            jnp.zeros((_LAG + 1,))]),
+        prev_params=zeros,
+        prev_grads=zeros,
+        prev_step=zeros,
+    ))
     return AdaptiveState(
         *_global_norm.init_norm_metrics(jnp.inf),
         clip_cause=f32(NONE),
         loss_trend=f32(0.0),
-        stats=_pack(dict(
-            log_threshold=jnp.inf,
-            log_floor=-jnp.inf,
-            norm_mean=0.0,
-            norm_var=0.0,
-            recovering=0.0,
-            norm_count=0,
-            trend_sums=jnp.zeros((2, 2)),
-            slow_sums=jnp.zeros((2,)),
-            step_dots=jnp.zeros((4,)),
-            loss_stats=jnp.concatenate([
-                jnp.array([jnp.nan, 0.0, 0.0, 0.0]),
-                jnp.zeros((_LAG + 1,))]),
-            prev_params=zeros,
-            prev_grads=zeros,
-            prev_step=zeros,
-        )),
+        stats=stats,
+        subset=subset,
     )
 
   def update_fn(updates, state, params=None, *, loss=None, **extra_args):
@@ -586,6 +642,12 @@ def adaptive(
     leaves = jax.tree.leaves(updates)
     coords = _subset(leaves, n_coords)
     g_sub = coords.pack(leaves)
+    if state.subset.shape[-1] != g_sub.shape[0]:
+      raise ValueError(
+          f"`state` holds a subset of {state.subset.shape[-1]} coordinates,"
+          f" but these updates give {g_sub.shape[0]}: it was made by `init`"
+          " for another tree (under `shard_map`, `init` must run inside it,"
+          " on the local shards, as `update` does).")
     p_sub = None
     if params is not None:
       _check_params(params, updates)
@@ -602,11 +664,11 @@ def adaptive(
 
     def rule(norm, stats):
       (log_c, floor, mean, var, sums, slow, recovering, watch, count,
-       prev_p, prev_g, prev_d, step_dots) = (stats[k] for k in (
+       in_row, prev_p, prev_g, prev_d, step_dots) = (stats[k] for k in (
            "log_threshold", "log_floor", "norm_mean", "norm_var",
            "trend_sums", "slow_sums", "recovering", "loss_stats",
-           "norm_count", "prev_params", "prev_grads", "prev_step",
-           "step_dots"))
+           "norm_count", "estimate_count", "prev_params", "prev_grads",
+           "prev_step", "step_dots"))
       log_n = jnp.log(jnp.maximum(norm, jnp.finfo(jnp.float32).tiny))
       first = count == 0
       # The estimated change of the loss over the last step, and its trend.
@@ -623,8 +685,8 @@ def adaptive(
         # b: the slope along the step where it ended.
         new_dots = jnp.stack([b, gg, ga, g1g1])
         # One estimate per noise estimate: the trend is the lower of the two.
-        a = a - _self_noise(a, d1d1, g1g1, dd1, step_dots, count >= 2)
-        seen = (count > 0) & jnp.all(jnp.isfinite(a)) & jnp.isfinite(b)
+        a = a - _self_noise(a, d1d1, g1g1, dd1, step_dots, in_row >= 2)
+        seen = (in_row > 0) & jnp.all(jnp.isfinite(a)) & jnp.isfinite(b)
         a, b = jnp.where(seen, a, 0.0), jnp.where(seen, b, 0.0)
       beta = f(trend_decay)
       rise, size = b - a, jnp.abs(a) + jnp.abs(b)
@@ -669,7 +731,9 @@ def adaptive(
       if p_sub is not None:
         grow = jnp.where(first | seen, grow, 0.0)
       # Spikes: a z-score on the log norm; statistics of capped norms.
-      log_spike = jnp.where(first, jnp.inf, mean + f(spike_z) * jnp.sqrt(var))
+      log_spike = jnp.where(
+          first, jnp.inf,
+          mean + f(spike_z) * jnp.sqrt(jnp.maximum(var, _VAR_FLOOR)))
       kept = jnp.minimum(log_n, log_spike)
       rho = f(spike_decay)
       new_mean = jnp.where(first, log_n, rho * mean + (1 - rho) * kept)
@@ -695,33 +759,43 @@ def adaptive(
       recovering = jnp.where(hurt, 1.0, recovering)
       spike = jnp.exp(log_spike)
       threshold = jnp.minimum(controller, spike)
-      cause = jnp.where(norm <= threshold, NONE,
-                        jnp.where(spike < controller, SPIKE,
-                                  jnp.where(recovering > 0, OVERSHOOT,
-                                            START)))
+      # Why a norm above the threshold is clipped.
+      why = jnp.where(spike < controller, SPIKE,
+                      jnp.where(recovering > 0, OVERSHOOT, START))
       new = dict(
           log_threshold=log_c, log_floor=floor, norm_mean=new_mean,
           norm_var=new_var, trend_sums=sums, slow_sums=slow,
           recovering=recovering, loss_stats=watch,
           norm_count=jnp.minimum(count + 1, 2),
+          estimate_count=0 if p_sub is None else jnp.minimum(in_row + 1, 2),
           prev_params=prev_p if p_sub is None else p_sub, prev_grads=g_sub,
           prev_step=d, step_dots=new_dots)
-      return threshold, new, cause, trend
+      return threshold, new, why, trend
 
     norm = _numerics.global_norm(leaves, axis_name)
     value = f(norm.value)
-    ok = jnp.isfinite(value)
-    threshold, new, cause, trend = rule(jnp.where(ok, value, 0.0),
-                                        _unpack(state.stats))
+    # The statistics read only a finite, non-zero norm: a zero norm (say, a
+    # batch masked out) carries no scale, and its log would swamp them.
+    seen = jnp.isfinite(value) & (value > 0)
+    old = _unpack(state.stats, state.subset)
+    threshold, new, why, trend = rule(jnp.where(seen, value, 1.0), old)
+    # Before the first norm seen there is no threshold (for other steps the
+    # rule's threshold does not depend on this step's norm).
+    threshold = jnp.where(seen | (old["norm_count"] > 0), threshold, jnp.inf)
     capped = _history.ceiling(threshold, max_norm)
+    # Finite updates whose norm overflows float32 are clipped too; updates
+    # that are not finite pass through.
+    clipped = jnp.isfinite(f(norm.scaled)) & (value > capped)
     # `max_norm` is the cause wherever it binds, below the rule's threshold.
-    cause = jnp.where(ok & (value > capped),
-                      jnp.where(capped < threshold, CEILING, cause), NONE)
+    cause = jnp.where(clipped, jnp.where(capped < threshold, CEILING, why),
+                      NONE)
     updates, _, scale = _global_norm.clip_global(updates, capped, norm)
+    stats, subset = _pack(new)
     return updates, AdaptiveState(
         value, f(capped), f(scale.applied), f(cause),
-        jnp.where(ok, trend, state.loss_trend),
-        _history.keep_if_finite(ok, _pack(new), state.stats))
+        jnp.where(seen, trend, state.loss_trend),
+        _history.keep_if_finite(seen, stats, state.stats),
+        _history.keep_if_finite(seen, subset, state.subset))
 
   return _metrics.named(
       optax.GradientTransformationExtraArgs(init_fn, update_fn), name)

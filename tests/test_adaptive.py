@@ -616,14 +616,16 @@ def test_adaptive_statistics_read_by_name_from_a_vmapped_state():
 
   batch = jax.vmap(run)(jnp.arange(3))
   names = ("log_threshold", "log_floor", "norm_mean", "norm_var",
-           "recovering", "norm_count", "trend_sums", "slow_sums",
-           "step_dots", "loss_stats", "prev_params", "prev_grads",
-           "prev_step")
+           "recovering", "norm_count", "estimate_count", "trend_sums",
+           "slow_sums", "step_dots", "loss_stats", "prev_params",
+           "prev_grads", "prev_step")
   for seed in range(3):
     one = run(seed)
-    assert one.prev_params.shape == ((one.stats.size - 31) // 3,)
+    assert one.stats.shape == (32,)
+    assert one.prev_params.shape == (one.subset.shape[-1],)
     assert one.trend_sums.shape == (2, 2)
-    assert one.norm_count.dtype == jnp.int32 and int(one.norm_count) == 2
+    for count in (one.norm_count, one.estimate_count):
+      assert count.dtype == jnp.int32 and int(count) == 2
     for name in names:
       np.testing.assert_allclose(getattr(batch, name)[seed],
                                  getattr(one, name), rtol=1e-5, atol=1e-6,
@@ -818,6 +820,179 @@ def test_adaptive_sharded_params_gather_nothing():
     assert out[k].sharding.is_equivalent_to(shardings[k], out[k].ndim)
   np.testing.assert_allclose(out["w"], ref["w"], rtol=1e-5)
   np.testing.assert_allclose(s_sh.loss_trend, s_ref.loss_trend, rtol=1e-5)
+
+
+def _explicit_mesh_or_skip():
+  axis_type = getattr(jax.sharding, "AxisType", None)
+  if axis_type is None or not hasattr(jax.sharding, "auto_axes"):
+    pytest.skip("this jax has no explicit sharding")
+  return jax.make_mesh((8,), ("x",), axis_types=(axis_type.Explicit,))
+
+
+def test_adaptive_on_a_mesh_of_explicit_axes_equals_unsharded():
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  mesh = _explicit_mesh_or_skip()
+  g = {"w": jax.random.normal(jax.random.PRNGKey(0), (64, 16)),
+       "b": jax.random.normal(jax.random.PRNGKey(1), (16,))}
+  sg = {"w": jax.device_put(g["w"], NamedSharding(mesh, P("x", None))),
+        "b": jax.device_put(g["b"], NamedSharding(mesh, P()))}
+  tx = optax.chain(clipkit.adaptive(coordinates=32), optax.sgd(0.1))
+
+  def run(params):
+    update = jax.jit(tx.update)
+    state = tx.init(params)
+    for _ in range(4):
+      grads = jax.tree.map(lambda x: x * 0.5 + 0.1, params)
+      updates, state = update(grads, state, params)
+      params = optax.apply_updates(params, updates)
+    return params, clipkit.metrics(state)
+
+  p_sh, m_sh = run(sg)
+  p_ref, m_ref = run(g)
+  assert p_sh["w"].sharding.is_equivalent_to(sg["w"].sharding, 2)
+  np.testing.assert_allclose(p_sh["w"], p_ref["w"], rtol=1e-5, atol=1e-6)
+  for k in m_ref:
+    np.testing.assert_allclose(m_sh[k], m_ref[k], rtol=1e-5, err_msg=k)
+
+
+def test_adaptive_under_shard_map_with_axis_name_equals_unsharded():
+  # Each device packs the subset of its own shards (all of them here: the
+  # leaves fit the budget), and the dot products are summed over the axis;
+  # the statistics are the same on every device, so their spec is P(), with
+  # jax's replication checks on.
+  from jax.sharding import Mesh, PartitionSpec as P
+  mesh = Mesh(np.array(jax.devices()), ("x",))
+  rng = np.random.default_rng(0)
+  grads = [jnp.asarray(rng.standard_normal(64) * (1 + t), jnp.float32)
+           for t in range(6)]
+  tx = clipkit.adaptive(axis_name="x")
+  state_spec = clipkit.AdaptiveState(P(), P(), P(), P(), P(), P(),
+                                     P(None, "x"))
+
+  def local(gs, p):
+    state = tx.init({"w": p})
+    for g in gs:
+      updates, state = tx.update({"w": g}, state, {"w": p})
+      p = p - 0.1 * updates["w"]
+    return p, state
+
+  f = jax.jit(jax.shard_map(local, mesh=mesh,
+                            in_specs=(P("x"), P("x")),
+                            out_specs=(P("x"), state_spec)))
+  w, state = f(grads, jnp.zeros(64))
+  ref_tx = clipkit.adaptive()
+  p, ref = jnp.zeros(64), ref_tx.init({"w": jnp.zeros(64)})
+  for g in grads:
+    updates, ref = ref_tx.update({"w": g}, ref, {"w": p})
+    p = p - 0.1 * updates["w"]
+  np.testing.assert_allclose(w, p, rtol=1e-5, atol=1e-7)
+  m, m_ref = clipkit.metrics(state), clipkit.metrics(ref)
+  for k in m_ref:
+    np.testing.assert_allclose(m[k], m_ref[k], rtol=1e-4, err_msg=k)
+  np.testing.assert_allclose(state.stats, ref.stats, rtol=1e-4, atol=1e-6)
+  # A state made outside shard_map, for the whole tree, fails with a
+  # message that says where `init` must run.
+  whole = tx.init({"w": jnp.zeros(64)})
+  replicated = jax.tree.map(lambda _: P(), whole)
+  bad = jax.shard_map(lambda g, p, s: tx.update({"w": g}, s, {"w": p})[0],
+                      mesh=mesh, in_specs=(P("x"), P("x"), replicated),
+                      out_specs=P("x"))
+  with pytest.raises(ValueError, match="`init` must run inside it"):
+    bad(grads[0], jnp.zeros(64), whole)
+
+
+def test_adaptive_spike_cap_follows_a_jump_after_a_constant_norm():
+  # A norm held exactly constant for 2,500 steps takes the variance of the
+  # log norms to 0 in float32; the cap must still follow the norms up
+  # after they double, not clip every later step as a spike.
+  tx = clipkit.adaptive()
+  p = {"w": jnp.zeros(10)}
+
+  def step(carry, t):
+    p, s = carry
+    g = {"w": jnp.where(t < 2500, 1.0, 2.0) * jnp.ones(10)}
+    u, s = tx.update(g, s, p)
+    return (optax.apply_updates(p, jax.tree.map(lambda x: -0.01 * x, u)),
+            s), s.clip_scale
+
+  _, scale = jax.jit(lambda: jax.lax.scan(step, (p, tx.init(p)),
+                                          jnp.arange(3000)))()
+  scale = np.asarray(scale)
+  assert np.all(scale[2400:2500] == 1.0)
+  assert scale[2500] < 1.0  # The jump is a spike ...
+  assert np.all(scale[2800:] == 1.0), np.flatnonzero(scale[2500:] < 1)[-5:]
+
+
+def test_adaptive_zero_norm_steps_change_nothing():
+  # A batch masked out gives zero gradients: the statistics must not read
+  # its norm (log 0 would swamp them), before or after the first norm.
+  tx = clipkit.adaptive()
+  p = {"w": jnp.ones(10)}
+  update = jax.jit(tx.update)
+  zero = {"w": jnp.zeros(10)}
+  out, state = update(zero, tx.init(p), p)
+  np.testing.assert_array_equal(out["w"], 0.0)
+  assert state.clip_threshold == np.inf and int(state.norm_count) == 0
+  rng = np.random.default_rng(0)
+  for _ in range(30):
+    g = {"w": jnp.asarray(1 + 0.1 * rng.standard_normal(10), jnp.float32)}
+    _, state = update(g, state, p)
+  _, after = update(zero, state, p)
+  np.testing.assert_array_equal(after.stats, state.stats)
+  np.testing.assert_array_equal(after.subset, state.subset)
+
+
+def test_adaptive_first_step_of_overflowing_finite_updates():
+  # Finite updates whose norm overflows float32, on the first step: there
+  # is no threshold yet, so they pass through, never zeroed; under
+  # `max_norm` they are clipped to it, and the metrics say so.
+  g = {"w": jnp.full(4, 3e38)}
+  out, state = clipkit.adaptive().update(g, clipkit.adaptive().init(g), g)
+  np.testing.assert_array_equal(out["w"], g["w"])
+  tx = clipkit.adaptive(max_norm=1.0)
+  out, state = tx.update(g, tx.init(g), g)
+  np.testing.assert_allclose(out["w"], 0.5, rtol=1e-6)
+  assert float(state.clip_cause) == 4.0
+
+
+def test_adaptive_params_on_some_steps_read_no_false_rise():
+  # Plain gradient descent on |w|^2 / 2: the loss falls on every step. With
+  # `params` passed on two steps in three, the estimate must not pair a
+  # step spanning several updates with the last gradient (a false rise).
+  tx = optax.chain(clipkit.adaptive(), optax.sgd(0.2))
+  p = {"w": jnp.linspace(1.0, 2.0, 6)}
+  state = tx.init(p)
+  update = jax.jit(tx.update)
+  update_no_params = jax.jit(lambda g, s: tx.update(g, s))
+  for i in range(300):
+    if i % 3:
+      u, state = update(p, state, p)
+    else:
+      u, state = update_no_params(p, state)
+    p = optax.apply_updates(p, u)
+  assert float(jnp.sum(p["w"] ** 2)) < 1e-6
+  assert float(state[0].recovering) == 0.0
+
+
+def test_adaptive_reads_complex_leaves_as_their_real_pairs():
+  # Re(conj(x) y) sums the products of the real and of the imaginary
+  # parts: a complex leaf reads as the real leaf of both parts.
+  z = jnp.asarray(0.5 + 1j * np.linspace(1.0, 2.0, 6), jnp.complex64)
+  as_real = lambda c: jnp.concatenate([jnp.real(c), jnp.imag(c)])
+  runs = {}
+  for name, p in [("complex", {"z": z}), ("real", {"z": as_real(z)})]:
+    # Gradient ascent on |z|^2 / 2 (gradient z): the loss rises, most of
+    # it along the imaginary parts.
+    tx = optax.chain(clipkit.adaptive(), optax.sgd(-0.05))
+    state, trends = tx.init(p), []
+    for _ in range(20):
+      u, state = tx.update(p, state, p)
+      p = optax.apply_updates(p, u)
+      trends.append(float(state[0].loss_trend))
+    runs[name] = np.array(trends)
+  np.testing.assert_allclose(runs["complex"], runs["real"], rtol=1e-5,
+                             atol=1e-6)
+  assert runs["complex"][-1] > 0.5
 
 
 def _benchmark(module):
