@@ -15,11 +15,12 @@ it (estimated from a fit of the step to the last step and gradient, and, in
 two ways that err in different places, from two independent minibatch
 gradients: the lower of the two readings counts). The dot products run over
 a fixed strided subset of coordinates of every leaf (about `coordinates`
-in all, at least one per leaf), weighted by each leaf's size over its share, so the estimate is
-global, cheap, and needs no copy of the parameters. The kept coordinates
-are packed into one vector, so that the dot products are one small
-reduction, not two per leaf: on a GPU each is a kernel launch. Under GSPMD
-sharding only that vector (about 1 KB) is gathered, never a leaf.
+in all, at least one per leaf), weighted by each leaf's size over its
+share, so the estimate is global, cheap, and needs no copy of the
+parameters. The kept coordinates are packed into one vector, so that the
+dot products are one small reduction, not two per leaf: on a GPU each is a
+kernel launch. Under GSPMD sharding only that vector (about 1 KB) is
+gathered, never a leaf.
 
 Where the loss is passed (``tx.update(g, state, params, loss=loss)``), a
 sustained rise of the observed loss is trouble too: a second, independent
@@ -79,7 +80,6 @@ _STATS = (("log_threshold", ()), ("log_floor", ()), ("norm_mean", ()),
           ("estimate_count", ()), ("trend_sums", (2, 2)), ("slow_sums", (2,)),
           ("step_dots", (4,)), ("loss_stats", (4 + _LAG + 1,)))
 _VECTORS = ("prev_params", "prev_grads", "prev_step")
-_N_STATS = sum(math.prod(shape) for _, shape in _STATS)
 _COUNTS = ("norm_count", "estimate_count")
 
 
@@ -250,7 +250,7 @@ def _explicit_mesh(leaves):
 
 
 def _subset(leaves, coordinates: int) -> _Subset:
-  """At most about `coordinates` coordinates, each leaf's share by size."""
+  """About `coordinates` coordinates, each leaf's share by size."""
   sizes = [int(np.prod(x.shape, dtype=np.int64)) for x in leaves]
   total = max(sum(sizes), 1)
   strides, weights = [], []
