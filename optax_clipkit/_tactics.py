@@ -190,8 +190,21 @@ def apart(f: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
   """
   out = jax.eval_shape(f, x)
   nan = lambda x: jnp.full(out.shape, jnp.nan, out.dtype)
+  if _in_shard_map():
+    # There `f`'s result varies from device to device and the NaN does not,
+    # and `cond` wants both branches alike: computed in line instead.
+    return jnp.where(x == x, f(x), nan(x))
   x = lax.optimization_barrier(x)
   return lax.cond(x == x, f, nan, x)
+
+
+def _in_shard_map() -> bool:
+  """Whether the computation being traced is inside `shard_map`."""
+  manual = getattr(getattr(jax.sharding, "AxisType", None), "Manual", None)
+  get_mesh = getattr(jax.sharding, "get_abstract_mesh", None)
+  if manual is None or get_mesh is None:
+    return False
+  return manual in getattr(get_mesh(), "axis_types", ())
 
 
 _GROUPED_LIMIT = 1 << 21  # Leaves this large keep their own reduction ...

@@ -115,6 +115,8 @@ def value(
   By default the clip costs what `optax.clip` costs. ``count_clipped=True``
   adds the ``clipped_fraction`` metric, which reads the updates once more
   (on CPU, in a loop of its own; see ``docs/benchmarks.md`` for its cost).
+  Under `shard_map` the clip needs nothing from other devices, and the
+  fraction is that of each device's own shards.
 
   Args:
     max_value: The largest magnitude allowed, a non-negative number. May be

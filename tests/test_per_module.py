@@ -412,3 +412,17 @@ def test_graves_ranges_bind_on_a_summed_loss_and_scale_with_the_mean(framework):
   chex_close = lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3,
                                                        atol=1e-7 / n)
   jax.tree.map(chex_close, out_mean, jax.tree.map(lambda g: g / n, out_summed))
+
+
+def test_ranges_and_counted_value_run_under_shard_map():
+  # The count runs apart from the clip on CPU, in a `cond`; under shard_map
+  # its result varies from device to device, and it must still trace (on
+  # every platform: each platform's branch is traced).
+  from jax.sharding import Mesh, PartitionSpec as P
+  mesh = Mesh(np.array(jax.devices()), ("x",))
+  g = {"w": jnp.arange(64.0) - 32.0}
+  for tx in (clipkit.value(1.0, count_clipped=True),
+             clipkit.per_module({"w": (-1.0, 1.0)})):
+    f = jax.jit(jax.shard_map(lambda g, tx=tx: tx.update(g, tx.init(g))[0],
+                              mesh=mesh, in_specs=P("x"), out_specs=P("x")))
+    np.testing.assert_array_equal(f(g)["w"], np.clip(g["w"], -1.0, 1.0))
