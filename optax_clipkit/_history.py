@@ -25,7 +25,8 @@ def push(buffer: jax.Array, count: jax.Array, value: jax.Array):
   ``2 * size`` without changing its residue, so it never overflows.
   """
   size = buffer.shape[0]
-  buffer = buffer.at[count % size].set(value.astype(buffer.dtype))
+  # `jnp.asarray`: a state restored from a checkpoint may hold numpy arrays.
+  buffer = jnp.asarray(buffer).at[count % size].set(value.astype(buffer.dtype))
   count = count + 1
   return buffer, jnp.where(count >= 2 * size, count - size, count)
 

@@ -159,6 +159,8 @@ def zclip(
     beta = _numerics.as_f32(decay)
     warm = count >= size
     # Warm-up: record the norm; on the last one, initialise the moments.
+    # `jnp.asarray`: a state restored from a checkpoint may hold numpy arrays.
+    norms = jnp.asarray(norms)
     norms = jnp.where(warm, norms, norms.at[jnp.minimum(count, size - 1)].set(norm))
     count = jnp.minimum(count + 1, size)
     first_mean = jnp.mean(norms)

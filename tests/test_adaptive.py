@@ -280,6 +280,11 @@ def test_checkpoint_resumes_bit_identically(name, tmp_path):
     ub, b = update(g, b)
     np.testing.assert_array_equal(ua["a"], ub["a"])
   jax.tree.map(np.testing.assert_array_equal, a, b)
+  # Restored, the state holds numpy arrays; an update outside jit takes
+  # them too.
+  eager, _ = tx.update(seq[4], restored)
+  jitted, _ = update(seq[4], restored)
+  np.testing.assert_allclose(eager["a"], jitted["a"], rtol=1e-6)
 
 
 
