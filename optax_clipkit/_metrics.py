@@ -26,6 +26,10 @@ _LABELS: dict[type, str] = {}
 # State class -> its field holding a wrapped transformation's state.
 _INNER: dict[type, str] = {}
 _NAME = "_clipkit_name"
+# The fields through which optax's wrappers (`inject_hyperparams`,
+# `MultiSteps`, `partition`, `masked`, ...) and `skip_spikes` hold inner
+# states: left out of the keys, which name only what tells states apart.
+_WRAPPERS = frozenset({"inner_state", "inner_states", "inner_opt_state"})
 
 
 def register_state(
@@ -249,7 +253,8 @@ def _collect(opt_state: Any) -> dict[str, jax.Array]:
       cls = _restored_class(node)
       m = _fields_metrics(node, cls, lambda d, f: d[f])
     if m:
-      plain.append((tuple(_key_name(k) for k in path), m))
+      plain.append((tuple(n for n in map(_key_name, path)
+                          if n not in _WRAPPERS), m))
   out = {}
   if plain:
     paths = [p for p, _ in plain]

@@ -84,7 +84,7 @@ def test_a_wrapping_state_at_the_root_keeps_plain_keys():
   tx = clipkit.skip_spikes(optax.chain(clipkit.global_norm(1.0),
                                        optax.sgd(0.1)))
   m = clipkit.metrics(tx.update(g, tx.init(g), g)[1])
-  assert {"skipped", "skip_count", "inner_state/0/grad_norm"} <= set(m)
+  assert {"skipped", "skip_count", "0/grad_norm"} <= set(m)
   assert not [k for k in m if k.startswith("/")], sorted(m)
 
 
@@ -124,3 +124,15 @@ def test_a_nan_step_stays_visible_unlike_apply_if_finite():
   # skip_spikes' own metrics show the bad step.
   assert float(m["guard/skipped"]) == 1.0
   assert np.isnan(float(m["guard/skip_grad_norm"]))
+
+
+def test_per_module_group_holding_a_chain_keys_by_group_and_place():
+  tx = clipkit.per_module({
+      "lstm": optax.chain(clipkit.value(10.0), clipkit.global_norm(1.0)),
+      "head": clipkit.global_norm(5.0)})
+  g = {"lstm": jnp.ones(3), "head": jnp.ones(2)}
+  m = clipkit.metrics(tx.update(g, tx.init(g))[1])
+  assert set(m) == {"lstm/0/clip_threshold", "lstm/1/grad_norm",
+                    "lstm/1/clip_threshold", "lstm/1/clip_scale",
+                    "head/grad_norm", "head/clip_threshold",
+                    "head/clip_scale"}
