@@ -41,6 +41,7 @@ from typing import NamedTuple
 import jax
 from jax import lax
 import jax.numpy as jnp
+import numpy as np
 
 from optax_clipkit import _tactics
 
@@ -316,7 +317,9 @@ def scale_leaves(leaves: Sequence[jax.Array], scale: Scale) -> list[jax.Array]:
     out = []
     for i, x in enumerate(leaves):
       k, c = (scale.k[i], scale.c[i]) if per_leaf else (scale.k, scale.c)
-      ct = compute_dtype(x.dtype)
+      # At least the factors' dtype: a float32 leaf in a tree with float64
+      # leaves takes float64 factors, whose `k` may underflow float32.
+      ct = np.promote_types(compute_dtype(x.dtype), k.dtype)
       y = vector(x).astype(ct)
       y = (y * k.astype(ct)) * c.astype(ct)
       out.append(y.astype(x.dtype).reshape(x.shape))

@@ -302,6 +302,26 @@ def test_large_float32_leaves_beside_float64_ones(factory, code_path):
   check_float32_beside_float64(factory)
 
 
+# The metric `clip_threshold` is float32: 1e160 reads inf there.
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")
+def test_small_leaves_beside_huge_float64_ones_are_not_nan(code_path):
+  # A norm of 1e160 scales by factors such as 2**-548, which are 0 in
+  # float32: the float32, bfloat16 and complex64 leaves beside it must be
+  # scaled in float64 (1/sqrt(2) here, the threshold being that norm / 2).
+  with _x64():
+    g = {"a": jnp.full((2,), 1e160, jnp.float64),
+         "b": jnp.ones((1,), jnp.float32), "c": jnp.ones((1,), jnp.bfloat16),
+         "d": jnp.ones((1,), jnp.complex64)}
+    tx = clipkit.global_norm(1e160)
+    out, _ = jax.jit(tx.update)(g, tx.init(g))
+    out = {k: np.asarray(v) for k, v in out.items()}
+  np.testing.assert_allclose(out["a"], 1e160 / np.sqrt(2), rtol=1e-6)
+  for k in "bcd":
+    assert out[k].dtype == g[k].dtype
+    np.testing.assert_allclose(np.asarray(out[k], np.complex128),
+                               1 / np.sqrt(2), rtol=1e-2)
+
+
 @pytest.mark.parametrize("factory", [clipkit.global_norm,
                                      clipkit.per_leaf_norm])
 def test_large_float32_leaves_beside_float64_ones_elsewhere(
