@@ -10,7 +10,7 @@ pass, then combined per group.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -55,6 +55,11 @@ _metrics.register_state(
 
 
 def _parse_groups(groups) -> list[tuple[str, re.Pattern]]:
+  if isinstance(groups, str) or not isinstance(groups, (Mapping, Iterable)):
+    raise TypeError(
+        "`groups` must be a sequence of patterns or (pattern, name) pairs, or"
+        f" a mapping from pattern to name, got {groups!r} (a single pattern"
+        " goes in a list: [pattern]).")
   items = list(groups.items()) if isinstance(groups, Mapping) else list(groups)
   parsed, names = [], set()
   for item in items:

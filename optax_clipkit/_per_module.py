@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple, Union
 
 import jax
@@ -62,7 +62,10 @@ def _as_transform(pattern: str, rule: Rule) -> optax.GradientTransformation:
   if isinstance(rule, tuple) and len(rule) == 2:
     lo, hi = rule
     _validation.check_threshold(f"rules[{pattern!r}][1]", hi)
-    if not isinstance(lo, (int, float)) or lo != -hi:
+    lo_value = _validation.concrete_float(f"rules[{pattern!r}][0]", lo,
+                                          "a number")
+    if lo_value is None or lo_value != -_validation.concrete_float(
+        f"rules[{pattern!r}][1]", hi, "a number"):
       raise ValueError(
           f"`rules[{pattern!r}]` must be a symmetric range (-c, c), got"
           f" {rule!r}; for anything else give a transformation."
@@ -115,6 +118,10 @@ def _class_pattern(cls: type, model) -> str:
 
 def _parse_rules(rules, model) -> list[_Rule]:
   """The rules, in order."""
+  if isinstance(rules, str) or not isinstance(rules, (Mapping, Iterable)):
+    raise TypeError(
+        "`rules` must be a mapping or a sequence of (pattern, transform) or"
+        f" (pattern, transform, name) tuples, got {rules!r}.")
   items = list(rules.items()) if isinstance(rules, Mapping) else list(rules)
   parsed, names = [], set()
   for item in items:
@@ -283,6 +290,12 @@ def per_module(
   parsed = _parse_rules(rules, model)
   transforms = {r.name: r.tx for r in parsed}
   if default is not None:
+    if not isinstance(default, optax.GradientTransformation):
+      raise TypeError(
+          "`default` must be an optax.GradientTransformation or None, got"
+          f" {default!r}" + (" (call it: `optax.identity()`, not"
+                             " `optax.identity`)" if callable(default)
+                             else "") + ".")
     transforms[_DEFAULT] = default
   cache: dict[Any, Any] = {}
 

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 
-def _concrete_float(name: str, value: Any, expected: str) -> float | None:
+def concrete_float(name: str, value: Any, expected: str) -> float | None:
   """Returns `value` as a float, None if it is traced; raises if not a number."""
   if isinstance(value, jax.core.Tracer):
     return None
@@ -29,9 +29,10 @@ def _concrete_float(name: str, value: Any, expected: str) -> float | None:
     return float(value)
   if isinstance(value, (np.ndarray, np.generic, jax.Array)):
     arr = np.asarray(value)
+    # `jnp.issubdtype`: numpy's does not know bfloat16 as a float.
     if arr.shape != () or not (
-        np.issubdtype(arr.dtype, np.floating)
-        or np.issubdtype(arr.dtype, np.integer)
+        jax.numpy.issubdtype(arr.dtype, jax.numpy.floating)
+        or jax.numpy.issubdtype(arr.dtype, jax.numpy.integer)
     ):
       raise bad
     return float(arr)
@@ -53,7 +54,7 @@ def check_number(
   NaN is always rejected. `expected` completes the sentence
   "`name` must be ..." in the error message.
   """
-  v = _concrete_float(name, value, expected)
+  v = concrete_float(name, value, expected)
   if v is None:
     return
   above = v > low if low_open else v >= low

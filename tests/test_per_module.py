@@ -426,3 +426,27 @@ def test_ranges_and_counted_value_run_under_shard_map():
     f = jax.jit(jax.shard_map(lambda g, tx=tx: tx.update(g, tx.init(g))[0],
                               mesh=mesh, in_specs=P("x"), out_specs=P("x")))
     np.testing.assert_array_equal(f(g)["w"], np.clip(g["w"], -1.0, 1.0))
+
+
+@pytest.mark.parametrize("make,error,match", [
+    (lambda: clipkit.per_module(None), TypeError, "`rules` must be .* got None"),
+    (lambda: clipkit.per_module({"w": clipkit.global_norm(1.0)},
+                                default=optax.identity),
+     TypeError, "call it: `optax.identity\\(\\)`"),
+    (lambda: clipkit.per_module({"w": ("a", 1.0)}), ValueError,
+     "`rules\\['w'\\]\\[0\\]` must be a number, got 'a'"),
+    (lambda: clipkit.monitor("attn"), TypeError, "goes in a list"),
+])
+def test_malformed_arguments_are_named_at_construction(make, error, match):
+  with pytest.raises(error, match=match):
+    make()
+
+
+def test_ranges_and_thresholds_take_numpy_and_jax_scalars():
+  g = {"w": jnp.array([-5.0, 0.5, 5.0])}
+  tx = clipkit.per_module({"w": (np.float32(-1), np.float32(1))})
+  np.testing.assert_array_equal(tx.update(g, tx.init(g))[0]["w"],
+                                [-1.0, 0.5, 1.0])
+  tx = clipkit.global_norm(jnp.bfloat16(1))
+  np.testing.assert_allclose(
+      np.linalg.norm(tx.update(g, tx.init(g))[0]["w"]), 1.0, rtol=1e-6)
