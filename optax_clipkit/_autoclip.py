@@ -72,6 +72,11 @@ def autoclip(
   through unchanged (they stay non-finite, as in :func:`global_norm`). The
   metrics in the state still report that step.
 
+  As in the paper, a zero norm (a batch masked out, or a norm below about
+  1e-19, whose squares flush to 0) enters the history: while at least
+  :math:`p` percent of the history is zero, the threshold is 0, and every
+  update is zeroed. :func:`adaptive` reads a zero norm as no news.
+
   Args:
     percentile: The percentile :math:`p` in [0, 100] of the norm history to
       clip to. May be traced (`optax.inject_hyperparams`).

@@ -97,6 +97,13 @@ def zclip(
   updates whose norm is beyond float32's range are clipped to :math:`\mu`
   after warm-up (the rule's limit as :math:`z \to \infty`).
 
+  As in the reference code, the statistics hold still where :math:`\sigma`
+  is 0: a clipped norm enters them as :math:`\mu` itself. Warm-up norms
+  that are all equal (zero gradients, say), or a norm held exactly constant
+  long enough for :math:`\sigma^2` to decay to 0 in float32, then clip
+  every later norm above :math:`\mu` to :math:`\mu`, for good.
+  :func:`adaptive` reads the variance as at least a floor.
+
   Args:
     z_threshold: The z-score above which a norm is clipped, > 0.
     decay: The EMA decay :math:`\beta`, in (0, 1).
