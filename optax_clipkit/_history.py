@@ -26,7 +26,8 @@ def push(buffer: jax.Array, count: jax.Array, value: jax.Array):
   """
   size = buffer.shape[0]
   # `jnp.asarray`: a state restored from a checkpoint may hold numpy arrays.
-  buffer = jnp.asarray(buffer).at[count % size].set(value.astype(buffer.dtype))
+  buffer = jnp.asarray(buffer)
+  buffer = buffer.at[count % size].set(value.astype(buffer.dtype))
   count = count + 1
   return buffer, jnp.where(count >= 2 * size, count - size, count)
 

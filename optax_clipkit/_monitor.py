@@ -22,6 +22,7 @@ from optax_clipkit import _numerics
 from optax_clipkit import _per_module
 
 _OTHER = "other"
+_ROOT = "all"  # The group of a tree that is one array.
 _GROUPS = "_clipkit_groups"
 _SKIP = "_clipkit_group_skip"
 
@@ -98,7 +99,8 @@ def _common_depth(paths: list[str]) -> int:
 
 def _top(path: str, skip: int) -> str:
   parts = path.split("/")
-  return parts[min(skip, len(parts) - 1)]
+  # A bare array is a tree whose one leaf has the empty path.
+  return parts[min(skip, len(parts) - 1)] or _ROOT
 
 
 def monitor(
@@ -118,7 +120,8 @@ def monitor(
 
   **Groups.** By default, one per top-level module: the first part of the
   leaf paths that tells them apart (``Dense_0`` for a Linen tree
-  ``{"params": {"Dense_0": ...}}``, ``encoder`` for an NNX state). Leaf
+  ``{"params": {"Dense_0": ...}}``, ``encoder`` for an NNX state; ``all``
+  for a tree that is one array). Leaf
   paths are those of :func:`per_module`. With `groups`, regular expressions
   searched in the leaf paths, in order; the first that matches a leaf takes
   it, and leaves no pattern matches form the group ``"other"``. The groups

@@ -106,6 +106,13 @@ def test_without_params_and_in_scan():
   np.testing.assert_array_equal(logged["monitor/a/update_param_ratio"], 0.0)
 
 
+def test_a_bare_array_is_the_group_all():
+  tx = clipkit.monitor()
+  g = jnp.array([3.0, 4.0])
+  m = clipkit.metrics(tx.update(g, tx.init(g), g)[1])
+  assert float(m["monitor/all/update_norm"]) == 5.0
+
+
 def test_axis_name_makes_norms_and_counts_global():
   mesh = Mesh(np.array(jax.devices()), ("data",))
   tx = clipkit.monitor(axis_name="data")
