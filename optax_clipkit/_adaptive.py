@@ -481,7 +481,7 @@ def adaptive(
   Such a step cuts as a clear rise does, with :math:`T_t` read as at least
   0.5.
 
-  **Spikes.** With :math:`\ell_t = \mu_{t-1} + z\,\sigma_{t-1}`
+  **Spikes.** With :math:`\ell_t = \mu_{t-1} + z\,\max(\sigma_{t-1}, 0.01)`
   (:math:`z` the `spike_z`; :math:`\infty` on the first step),
   :math:`x_t = \min(\log n_t, \ell_t)`,
   :math:`\mu_t = \rho\mu_{t-1} + (1-\rho)x_t` and

@@ -294,16 +294,19 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
   elements that were clipped; absent with ``count_clipped=False``);
   `per_leaf_norm` adds ``clipped_fraction`` (the fraction of leaves that were
   clipped). Adaptive strategies add their own statistics. Before the first
-  update every metric holds its initial value (zero, and 1.0 for
-  ``clip_scale``).
+  update every metric holds its initial value (zero; 1.0 for
+  ``clip_scale``; the threshold for the fixed clippers and for `zclip` with
+  `max_norm`; inf for `adaptive`'s ``clip_threshold``).
 
   With one clipkit state the keys are plain (``metrics(s)["grad_norm"]``).
   With several, each key is prefixed by the part of the state's path in
   `opt_state` that tells them apart, joined with ``/``: in
   ``optax.chain(clipkit.value(1.0), clipkit.global_norm(1.0), optax.sgd(0.1))``
   the keys are ``"0/clip_threshold"``, ``"1/grad_norm"`` and so on; in
-  `per_module`, the group names (``"head/grad_norm"``). A state holding no
-  clipkit transformation gives an empty dict.
+  `per_module`, the group names (``"head/grad_norm"``). The fields through
+  which wrappers hold inner states (``inner_state``, ...) are left out, and
+  a state that wraps the others, such as `skip_spikes`', keeps plain keys.
+  A state holding no clipkit transformation gives an empty dict.
 
   **Stable keys.** A transformation given ``name=`` reports
   ``"<name>/<key>"`` wherever it sits: editing the rest of the chain does
