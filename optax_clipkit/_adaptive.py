@@ -784,18 +784,16 @@ def adaptive(
     threshold = jnp.where(seen | (old["norm_count"] > 0), threshold, jnp.inf)
     capped = _history.ceiling(threshold, max_norm)
     # Finite updates whose norm overflows float32 are clipped too; updates
-    # that are not finite pass through.
-    clipped = jnp.isfinite(f(norm.scaled)) & (value > capped)
-    # `max_norm` is the cause wherever it binds, below the rule's threshold.
-    cause = jnp.where(clipped, jnp.where(capped < threshold, CEILING, why),
-                      NONE)
+    # that are not finite pass through (`scale.clipped` is false).
     updates, _, scale = _global_norm.clip_global(updates, capped, norm)
-    stats, subset = _pack(new)
+    # `max_norm` is the cause wherever it binds, below the rule's threshold.
+    cause = jnp.where(scale.clipped,
+                      jnp.where(capped < threshold, CEILING, why), NONE)
+    stats, subset = _history.keep_if_finite(
+        seen, _pack(new), (state.stats, state.subset))
     return updates, AdaptiveState(
         value, f(capped), f(scale.applied), f(cause),
-        jnp.where(seen, trend, state.loss_trend),
-        _history.keep_if_finite(seen, stats, state.stats),
-        _history.keep_if_finite(seen, subset, state.subset))
+        jnp.where(seen, trend, state.loss_trend), stats, subset)
 
   return _metrics.named(
       optax.GradientTransformationExtraArgs(init_fn, update_fn), name)
