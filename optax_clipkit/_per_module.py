@@ -62,10 +62,11 @@ def _as_transform(pattern: str, rule: Rule) -> optax.GradientTransformation:
   if isinstance(rule, tuple) and len(rule) == 2:
     lo, hi = rule
     _validation.check_threshold(f"rules[{pattern!r}][1]", hi)
-    lo_value = _validation.concrete_float(f"rules[{pattern!r}][0]", lo,
-                                          "a number")
-    if lo_value is None or lo_value != -_validation.concrete_float(
-        f"rules[{pattern!r}][1]", hi, "a number"):
+    # Concrete numbers (None where traced), numpy and jax scalars included.
+    low, high = (_validation.concrete_float(f"rules[{pattern!r}][{i}]", v,
+                                            "a number")
+                 for i, v in enumerate(rule))
+    if low is None or high is None or low != -high:
       raise ValueError(
           f"`rules[{pattern!r}]` must be a symmetric range (-c, c), got"
           f" {rule!r}; for anything else give a transformation."
