@@ -44,6 +44,7 @@ from optax_clipkit import _global_norm
 from optax_clipkit import _history
 from optax_clipkit import _metrics
 from optax_clipkit import _numerics
+from optax_clipkit import _tactics
 from optax_clipkit import _validation
 
 # The loss watch: a rise is the fast EMA (decay `_FAST`) of the loss above
@@ -238,13 +239,11 @@ class _Subset(NamedTuple):
 
 def _explicit_mesh(leaves):
   """The mesh of the first leaf sharded over explicit axes, or None."""
-  explicit = getattr(getattr(jax.sharding, "AxisType", None), "Explicit",
-                     None)
-  if explicit is None or not hasattr(jax, "typeof"):
+  if not hasattr(jax, "typeof"):
     return None  # A jax without explicit sharding.
   for x in leaves:
     mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
-    if explicit in getattr(mesh, "axis_types", ()):
+    if _tactics.has_axis_type(mesh, "Explicit"):
       return mesh
   return None
 

@@ -198,13 +198,20 @@ def apart(f: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
   return lax.cond(x == x, f, nan, x)
 
 
+def has_axis_type(mesh, kind: str) -> bool:
+  """Whether `mesh` (or None) has an axis of `jax.sharding.AxisType` `kind`.
+
+  False on a jax without axis types.
+  """
+  axis_type = getattr(getattr(jax.sharding, "AxisType", None), kind, None)
+  return (axis_type is not None
+          and axis_type in getattr(mesh, "axis_types", ()))
+
+
 def _in_shard_map() -> bool:
   """Whether the computation being traced is inside `shard_map`."""
-  manual = getattr(getattr(jax.sharding, "AxisType", None), "Manual", None)
   get_mesh = getattr(jax.sharding, "get_abstract_mesh", None)
-  if manual is None or get_mesh is None:
-    return False
-  return manual in getattr(get_mesh(), "axis_types", ())
+  return get_mesh is not None and has_axis_type(get_mesh(), "Manual")
 
 
 _GROUPED_LIMIT = 1 << 21  # Leaves this large keep their own reduction ...
