@@ -230,6 +230,44 @@ def classifier(steps, batch=64):
               steps=steps, lr={"sgd": 0.05, "adam": 1e-3}, exploding=False)
 
 
+def residual_mlp(steps, depth=12, width=32, gain=1.6, batch=32):
+  """Exploding: a residual ReLU MLP without normalization, teacher target.
+
+  Each of the 12 blocks adds ``relu(h @ w + b)`` to ``h``, with ``w`` drawn
+  at 1.6 / sqrt(width): the activations grow with depth, and the first
+  gradient norms (some 1e7) are 1e5-1e6 times the parameters' norm (about
+  30). SGD without clipping blows up on its first steps; fixed thresholds
+  train it, the larger the better up to 10.
+  """
+  rng = np.random.default_rng(9)
+  x = rng.standard_normal((2048, 16)).astype(np.float32)
+  teacher = rng.standard_normal((16, 16)).astype(np.float32) / 4
+  y = np.tanh(x @ teacher).sum(-1)
+  x, y = jnp.asarray(x), jnp.asarray(y / y.std())
+
+  def init(key):
+    ks = jax.random.split(key, depth + 2)
+    return {"inp": jax.random.normal(ks[0], (16, width)) / 4,
+            "out": jax.random.normal(ks[1], (width, 1)) / np.sqrt(width),
+            "blocks": [{"w": jax.random.normal(k, (width, width))
+                             * gain / np.sqrt(width),
+                        "b": jnp.zeros(width)} for k in ks[2:]]}
+
+  def loss(p, b):
+    h = b[0] @ p["inp"]
+    for blk in p["blocks"]:
+      h = h + jax.nn.relu(h @ blk["w"] + blk["b"][None])
+    return jnp.mean(jnp.square((h @ p["out"])[:, 0] - b[1]))
+
+  def sample(key):
+    idx = jax.random.randint(key, (batch,), 0, 1536)
+    return x[idx], y[idx]
+
+  return Task(init=init, loss=loss, sample=sample,
+              evaluate=lambda p: loss(p, (x[1536:], y[1536:])), steps=steps,
+              lr={"sgd": 0.01, "adam": 1e-3}, exploding=True)
+
+
 # --------------------------------------------------------- a tiny char GPT
 def _corpus(n_chars=300_000):
   """Python source text shipped with optax, as bytes in [0, 96)."""

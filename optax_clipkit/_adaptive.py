@@ -62,6 +62,12 @@ _CLEAR = 0.5
 # exactly constant for some 2,000 steps underflows the variance to 0, and
 # the cap, at the mean, then clips every rise as a spike, for good.
 _VAR_FLOOR = 1e-4
+# The first threshold is at most this multiple of the parameters' norm (as
+# the subset estimates it): a first gradient thousands of times larger than
+# the parameters (a deep residual net without normalization) would otherwise
+# be let through at 1% of its norm, and wipe them out on the first step.
+# Every task of the study starts below 1.4x, so that none of them changes.
+_PARAM_CAP = 2.0
 
 # Values of `clip_cause`.
 NONE, START, OVERSHOOT, SPIKE, CEILING = 0.0, 1.0, 2.0, 3.0, 4.0
@@ -430,7 +436,12 @@ def adaptive(
   clear rise is.
 
   **Controller.** On the first finite step
-  :math:`\log c_1 = \log n_1 + \log s` (:math:`s` the `start`). Afterwards,
+  :math:`\log c_1 = \min(\log n_1 + \log s,\ \log 2|\theta_0|_S)`
+  (:math:`s` the `start`; :math:`|\theta_0|_S` the parameters' norm as the
+  subset estimates it, left out where it is 0 or `params` are not passed):
+  a first gradient far larger than the parameters, as in a deep residual
+  net without normalization, would wipe them out even at 1% of its norm.
+  Afterwards,
   step :math:`t` is in *trouble* when :math:`b_t > a_t` and :math:`T_t`
   exceeds :math:`\tau` (`trouble`) while the controller clips, or
   :math:`(1 + \tau)/2` while released (:math:`\log c_{t-1} \ge
@@ -529,7 +540,7 @@ def adaptive(
 
   Args:
     start: :math:`s` in (0, 1], the first threshold as a fraction of the
-      first norm.
+      first norm (at most twice the parameters' norm).
     slow_start: The growth factor per step (finite, >= 1) before the first
       trouble, at :math:`T_t = -1`.
     recovery: The growth factor per step (finite, >= 1) after the first
@@ -675,7 +686,12 @@ def adaptive(
         seen = jnp.zeros((), bool)
         a, b = jnp.zeros((2,), jnp.float32), jnp.zeros((), jnp.float32)
         d, new_dots = prev_d, step_dots
+        log_theta = jnp.inf
       else:
+        # The parameters' norm, for the first threshold (none if zero).
+        theta_sq = dots([p_sub], [p_sub])[0]
+        log_theta = jnp.where((theta_sq > 0) & jnp.isfinite(theta_sq),
+                              0.5 * jnp.log(theta_sq), jnp.inf)
         d = p_sub - prev_p
         ga, b, gg, d1d1, g1g1, dd1 = dots(
             [prev_g, g_sub, g_sub, prev_d, prev_g, d],
@@ -743,7 +759,11 @@ def adaptive(
       # Sustained by the product's reading, the one that errs toward a rise:
       # with the lower one, SGD runs whose norms fall far below the floor
       # were held at it.
-      floor = jnp.where(first, log_n + jnp.log(f(start)), floor)
+      # It starts at `start` times the norm, or at most `_PARAM_CAP` times
+      # the parameters' norm.
+      floor = jnp.where(first, jnp.minimum(log_n + jnp.log(f(start)),
+                                           log_theta + math.log(_PARAM_CAP)),
+                        floor)
       low = jnp.minimum(floor, mean + math.log(_BELOW))
       cut_to = jnp.minimum(log_c, jnp.maximum(  # A cut never raises.
           log_c - f(cut_rate) * evidence,

@@ -404,7 +404,11 @@ class AdaptiveReference:
       hurt, evidence = True, max(evidence, 0.5)  # Read as a clear rise.
     cap = self.mean + np.log(h["release"])
     if first:
-      self.log_c = self.floor = log_n + np.log(h["start"])
+      # At `start` times the norm, or at most twice the parameters' norm.
+      theta = np.sqrt(self.dot(p, p))
+      self.log_c = self.floor = min(
+          log_n + np.log(h["start"]),
+          np.log(2 * theta) if theta > 0 else np.inf)
     elif hurt:
       # In proportion to the evidence. Not below the floor, unless the rise
       # is sustained: then not below a twentieth of the mean norm.
@@ -602,6 +606,38 @@ def test_adaptive_first_step_is_clipped_to_start_fraction():
   out, state = tx.update(g, tx.init(g), g)
   np.testing.assert_allclose(out["w"], [3.0, 4.0], rtol=1e-6)  # 0.1 * 50
   assert clipkit.metrics(state)["clip_cause"] == 1.0  # The slow start.
+
+
+@pytest.mark.parametrize("params, threshold", [
+    ([3.0, 4.0], 10.0),  # 1% of the norm, 50, is above twice |params|.
+    ([300.0, 400.0], 50.0),  # 1% of the norm.
+    ([0.0, 0.0], 50.0),  # Zero parameters carry no scale.
+    (None, 50.0),  # Nor do absent ones.
+])
+def test_adaptive_first_threshold_is_at_most_twice_the_parameters(
+    params, threshold):
+  tx = clipkit.adaptive()
+  g = {"w": jnp.array([3000.0, 4000.0])}
+  p = None if params is None else {"w": jnp.array(params)}
+  out, state = tx.update(g, tx.init(g), p)
+  np.testing.assert_allclose(state.clip_threshold, threshold, rtol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(out["w"]), threshold, rtol=1e-5)
+  assert clipkit.metrics(state)["clip_cause"] == 1.0  # The slow start.
+
+
+def test_adaptive_keeps_a_deep_residual_mlp_without_normalization_finite():
+  # A residual ReLU MLP of 12 blocks without normalization, whose first
+  # gradient norms, some 1e7, are 1e5-1e6 times its parameters' norm (about
+  # 30): 1% of that norm wiped the parameters out on the first step, and
+  # every seed ended in NaN, as without clipping. Capped at twice the
+  # parameters' norm, the first steps are bounded and most seeds train
+  # (from a loss of some 1e6; seed 0 blows up later, to a finite loss).
+  task = _study_tasks().residual_mlp(100)
+  unclipped, _ = _train(task, None, seeds=3)
+  clipped, _ = _train(task, clipkit.adaptive(), seeds=3)
+  assert not np.any(np.isfinite(unclipped)), unclipped
+  assert np.all(np.isfinite(clipped)), clipped
+  assert np.median(clipped) < 1.0, clipped
 
 
 def test_adaptive_statistics_read_by_name_from_a_vmapped_state():
