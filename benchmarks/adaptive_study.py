@@ -16,7 +16,8 @@ was tuned on and held-out tasks that only report. The script prints the full
 table and the five goals of the rule as met or missed, and writes JSON.
 
 Run: ``python benchmarks/adaptive_study.py [--quick] [--json F]``;
-``--only TASK --steps 2000`` trains one task's cells five times longer.
+``--only TASK --steps 2000`` trains one task's cells five times longer;
+``--families`` runs the families added after the rule was designed.
 """
 
 from __future__ import annotations
@@ -231,12 +232,14 @@ def trace_table(task, tr):
   return "\n".join(lines)
 
 
-def study(steps, seeds, quick=False, only=None):
+def study(steps, seeds, quick=False, only=None, families=False):
   """The study's cells; `only`, if given, a cell ("task / optimizer") or a
-  task name."""
+  task name; `families`: the later families instead."""
   design = adaptive_tasks.design(steps)
   held = adaptive_tasks.held_out(steps)
-  if quick:
+  if families:
+    design, held = {}, adaptive_tasks.families(steps)
+  if quick and not families:
     design = {k: design[k] for k in ("regression", "regression-std")}
     held = {k: held[k] for k in ("deep-tanh",)}
   scores, raw, fractions, traces = {}, {}, {}, {}
@@ -280,6 +283,10 @@ def main():
                       help="seeds are first-seed, first-seed + 1, ...")
   parser.add_argument("--seeds", type=int, default=None,
                       help="seeds per cell (default 10; 2 with --quick)")
+  parser.add_argument("--families", action="store_true",
+                      help="run the families added after the rule was"
+                      " designed (adaptive_tasks.families) instead; writes"
+                      " nothing unless --json")
   parser.add_argument("--only", default=None,
                       help='one cell ("adding-lstm / sgd") or one task')
   parser.add_argument("--steps", type=int, default=None,
@@ -300,7 +307,7 @@ def main():
   t0 = time.perf_counter()
   with jax.numpy_dtype_promotion("standard"):
     scores, raw, fractions, traces = study(steps, seeds, args.quick,
-                                           args.only)
+                                           args.only, args.families)
   if not scores:
     parser.error(f"--only: no cell or task named {args.only!r}")
   g = goals(scores, fractions)
@@ -319,7 +326,8 @@ def main():
         print(f"  {k}: {'met' if ok else 'MISSED'} ({why})")
   for key, text in traces.items():
     print(f"\nTrace of adaptive() on {key}:\n{text}")
-  partial = (args.quick or args.only is not None or args.seeds is not None
+  partial = (args.quick or args.families or args.only is not None
+             or args.seeds is not None
              or args.steps is not None)
   path = args.json or (None if partial else RESULTS)
   if path:
