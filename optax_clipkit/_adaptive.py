@@ -688,14 +688,13 @@ def adaptive(
         d, new_dots = prev_d, step_dots
         log_theta = jnp.inf
       else:
+        d = p_sub - prev_p
+        ga, b, gg, d1d1, g1g1, dd1, theta_sq = dots(
+            [prev_g, g_sub, g_sub, prev_d, prev_g, d, p_sub],
+            [d, d, prev_g, prev_d, prev_g, prev_d, p_sub])
         # The parameters' norm, for the first threshold (none if zero).
-        theta_sq = dots([p_sub], [p_sub])[0]
         log_theta = jnp.where((theta_sq > 0) & jnp.isfinite(theta_sq),
                               0.5 * jnp.log(theta_sq), jnp.inf)
-        d = p_sub - prev_p
-        ga, b, gg, d1d1, g1g1, dd1 = dots(
-            [prev_g, g_sub, g_sub, prev_d, prev_g, d],
-            [d, d, prev_g, prev_d, prev_g, prev_d])
         a = -ga  # The first-order decrease the step promised.
         # b: the slope along the step where it ended.
         new_dots = jnp.stack([b, gg, ga, g1g1])
