@@ -55,6 +55,13 @@ STRATEGIES = {
 
 
 def optimizer(task, name):
+  # Optimizers outside the study (other_optimizers.py), from its rates.
+  if name == "lion":
+    return optax.lion(task.lr["adam"] / 3)
+  if name == "rmsprop":
+    return optax.rmsprop(task.lr["adam"])
+  if name == "sgd-plain":  # No momentum, the step of momentum 0.9's.
+    return optax.sgd(10 * task.lr["sgd"])
   lr = task.lr[name]
   if task.schedule == "warmup_cosine":
     lr = optax.warmup_cosine_decay_schedule(

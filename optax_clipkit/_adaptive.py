@@ -391,6 +391,10 @@ def adaptive(
   does for the learning rate; a run whose steps never raise the loss is
   released within about a hundred steps and then only spikes are clipped.
 
+  Designed and measured with SGD with momentum and with Adam/AdamW. With
+  Lion, RMSProp or plain SGD the loss estimate misreads some runs, and its
+  cuts can do harm; see ``docs/adaptive.md``, "Other optimizers".
+
   **Loss estimate.** With :math:`d_t = \theta_t - \theta_{t-1}` the step
   taken (whatever the optimizer) and :math:`g_t` the incoming updates,
 

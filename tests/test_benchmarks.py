@@ -103,6 +103,12 @@ def test_study_rejects_no_seeds_no_steps_and_unknown_cells():
   assert proc.returncode != 0 and "no cell or task named" in proc.stderr
 
 
+def test_other_optimizers_quick():
+  stdout = smoke("other_optimizers.py", "--only", "logistic")
+  for opt in ("lion", "rmsprop", "sgd-plain"):
+    assert f"logistic / {opt}: against no clipping: adaptive()" in stdout
+
+
 def test_long_healthy_quick():
   assert "| regression-std / sgd |" in smoke("long_healthy.py")
 

@@ -1,0 +1,76 @@
+"""`adaptive()` with optimizers outside the study: Lion, RMSProp, plain SGD.
+
+The study's tasks (`adaptive_tasks`: design, held out and the later families,
+but the CNN and the GPT, which are slow) with `optax.lion` (a third of the
+task's Adam rate), `optax.rmsprop` (Adam's rate) and `optax.sgd` without
+momentum at ten times the rate the study gives SGD with momentum 0.9 (the
+same step in the long run). 400 steps, 10 seeds vmapped, as in the study.
+Each cell prints `adaptive()`, `zclip()` and `autoclip()` against no
+clipping (healthy tasks, where no clipping stays finite) or against the best
+fixed threshold of the grid (the others).
+
+Run: ``python benchmarks/other_optimizers.py [--only TASK] [--quick]``
+(``--quick``: 60 steps, 2 seeds, a smoke run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import adaptive_study as S  # pylint: disable=g-import-not-at-top,wrong-import-position
+import adaptive_tasks  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import optax_clipkit as clipkit  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+OPTIMIZERS = ("lion", "rmsprop", "sgd-plain")
+ARMS = {"adaptive()": clipkit.adaptive, "zclip()": clipkit.zclip,
+        "autoclip()": clipkit.autoclip}
+SLOW = ("cnn", "char-gpt")
+
+
+def cell(task, opt, seeds=10):
+  """One line of the table: each arm's ratio, and diverged seeds."""
+  none = S.median(S.train(task, opt, None, jnp.zeros((1,)), seeds)[0][0])
+  grid, _ = S.train(task, opt, lambda c: clipkit.global_norm(c),
+                    jnp.asarray(S.GRID), seeds)
+  best = min(S.median(g) for g in grid)
+  ref = none if not task.exploding and np.isfinite(none) else best
+  out = []
+  for name, make in ARMS.items():
+    losses = S.train(task, opt, lambda _, m=make: m(), jnp.zeros((1,)),
+                     seeds)[0][0]
+    div = int(np.sum(~np.isfinite(losses)))
+    out.append(f"{name} {S.fmt(S.median(losses) / ref)}"
+               + (f" ({div} diverged)" if div else ""))
+  what = "no clipping" if ref == none else "best fixed"
+  return f"against {what}: " + ", ".join(out)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--only", default=None, help="one task")
+  parser.add_argument("--quick", action="store_true",
+                      help="60 steps, 2 seeds: a smoke run")
+  args = parser.parse_args()
+  steps, seeds = (60, 2) if args.quick else (400, 10)
+  tasks = {**adaptive_tasks.design(steps), **adaptive_tasks.held_out(steps),
+           **adaptive_tasks.families(steps)}
+  if args.only is not None and args.only not in tasks:
+    parser.error(f"--only: no task named {args.only!r}")
+  with jax.numpy_dtype_promotion("standard"):
+    for name, task in tasks.items():
+      if name in SLOW or args.only not in (None, name):
+        continue
+      for opt in OPTIMIZERS:
+        print(f"{name} / {opt}: {cell(task, opt, seeds)}", flush=True)
+
+
+if __name__ == "__main__":
+  main()
