@@ -64,6 +64,8 @@ def main():
            **adaptive_tasks.families(steps)}
   if args.only is not None and args.only not in tasks:
     parser.error(f"--only: no task named {args.only!r}")
+  if args.only in SLOW:
+    parser.error(f"--only: {args.only!r} is too slow for this script")
   with jax.numpy_dtype_promotion("standard"):
     for name, task in tasks.items():
       if name in SLOW or args.only not in (None, name):

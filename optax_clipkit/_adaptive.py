@@ -442,7 +442,8 @@ def adaptive(
   **Controller.** On the first finite step
   :math:`\log c_1 = \min(\log n_1 + \log s,\ \log 2|\theta_0|_S)`
   (:math:`s` the `start`; :math:`|\theta_0|_S` the parameters' norm as the
-  subset estimates it, left out where it is 0 or `params` are not passed):
+  subset estimates it, left out where it is 0 or the first step has no
+  `params`):
   a first gradient far larger than the parameters, as in a deep residual
   net without normalization, would wipe them out even at 1% of its norm.
   Afterwards,

@@ -896,11 +896,13 @@ def test_adaptive_on_a_mesh_of_explicit_axes_equals_unsharded():
     np.testing.assert_allclose(m_sh[k], m_ref[k], rtol=1e-5, err_msg=k)
 
 
-def test_adaptive_under_shard_map_with_axis_name_equals_unsharded():
+@pytest.mark.parametrize("p_scale", [0.0, 0.00125])
+def test_adaptive_under_shard_map_with_axis_name_equals_unsharded(p_scale):
   # Each device packs the subset of its own shards (all of them here: the
   # leaves fit the budget), and the dot products are summed over the axis;
   # the statistics are the same on every device, so their spec is P(), with
-  # jax's replication checks on.
+  # jax's replication checks on. With parameters of norm 0.01 the first
+  # threshold is twice their norm, summed over the axis too.
   from jax.sharding import Mesh, PartitionSpec as P
   mesh = Mesh(np.array(jax.devices()), ("x",))
   rng = np.random.default_rng(0)
@@ -920,12 +922,15 @@ def test_adaptive_under_shard_map_with_axis_name_equals_unsharded():
   f = jax.jit(jax.shard_map(local, mesh=mesh,
                             in_specs=(P("x"), P("x")),
                             out_specs=(P("x"), state_spec)))
-  w, state = f(grads, jnp.zeros(64))
+  p0 = jnp.full((64,), p_scale, jnp.float32)
+  w, state = f(grads, p0)
   ref_tx = clipkit.adaptive()
-  p, ref = jnp.zeros(64), ref_tx.init({"w": jnp.zeros(64)})
-  for g in grads:
+  p, ref = p0, ref_tx.init({"w": p0})
+  for i, g in enumerate(grads):
     updates, ref = ref_tx.update({"w": g}, ref, {"w": p})
     p = p - 0.1 * updates["w"]
+    if i == 0 and p_scale:  # The cap binds: 2 * 0.01, below 1% of ~8.
+      np.testing.assert_allclose(ref.clip_threshold, 0.02, rtol=1e-5)
   np.testing.assert_allclose(w, p, rtol=1e-5, atol=1e-7)
   m, m_ref = clipkit.metrics(state), clipkit.metrics(ref)
   for k in m_ref:
