@@ -20,7 +20,6 @@ import os
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -37,20 +36,18 @@ SLOW = ("cnn", "char-gpt")
 
 def cell(task, opt, seeds=10):
   """One line of the table: each arm's ratio, and diverged seeds."""
-  none = S.median(S.train(task, opt, None, jnp.zeros((1,)), seeds)[0][0])
-  grid, _ = S.train(task, opt, lambda c: clipkit.global_norm(c),
-                    jnp.asarray(S.GRID), seeds)
-  best = min(S.median(g) for g in grid)
+  out, _ = S.run_cell(task, opt, seeds, {"no clipping": None, **ARMS})
+  none = S.median(np.array(out["no clipping"]))
+  best = min(S.median(np.array(g)) for g in out["grid"].values())
   ref = none if not task.exploding and np.isfinite(none) else best
-  out = []
-  for name, make in ARMS.items():
-    losses = S.train(task, opt, lambda _, m=make: m(), jnp.zeros((1,)),
-                     seeds)[0][0]
+  parts = []
+  for name in ARMS:
+    losses = np.array(out[name])
     div = int(np.sum(~np.isfinite(losses)))
-    out.append(f"{name} {S.fmt(S.median(losses) / ref)}"
-               + (f" ({div} diverged)" if div else ""))
+    parts.append(f"{name} {S.fmt(S.median(losses) / ref)}"
+                 + (f" ({div} diverged)" if div else ""))
   what = "no clipping" if ref == none else "best fixed"
-  return f"against {what}: " + ", ".join(out)
+  return f"against {what}: " + ", ".join(parts)
 
 
 def main():
