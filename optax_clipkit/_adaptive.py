@@ -443,15 +443,13 @@ def adaptive(
   :math:`\log c_1 = \min(\log n_1 + \log s,\ \log 2|\theta_0|_S)`
   (:math:`s` the `start`; :math:`|\theta_0|_S` the parameters' norm as the
   subset estimates it, left out where it is 0 or the first step has no
-  `params`):
-  a first gradient far larger than the parameters, as in a deep residual
-  net without normalization, would wipe them out even at 1% of its norm.
-  Afterwards,
-  step :math:`t` is in *trouble* when :math:`b_t > a_t` and :math:`T_t`
-  exceeds :math:`\tau` (`trouble`) while the controller clips, or
-  :math:`(1 + \tau)/2` while released (:math:`\log c_{t-1} \ge
-  \mu_{t-1} + \log R`): a run that was let go asks for a clearer rise.
-  With :math:`\mu_{t-1}` the mean log norm below,
+  `params`): a first gradient far larger than the parameters, as in a deep
+  residual net without normalization, would wipe them out even at 1% of its
+  norm. Afterwards, step :math:`t` is in *trouble* when :math:`b_t > a_t`
+  and :math:`T_t` exceeds :math:`\tau` (`trouble`) while the controller
+  clips, or :math:`(1 + \tau)/2` while released (:math:`\log c_{t-1} \ge
+  \mu_{t-1} + \log R`): a run that was let go asks for a clearer rise. With
+  :math:`\mu_{t-1}` the mean log norm below,
 
   .. math::
     \log c_t = \begin{cases}
