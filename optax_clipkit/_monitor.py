@@ -10,7 +10,7 @@ pass, then combined per group.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -20,6 +20,7 @@ import optax
 from optax_clipkit import _metrics
 from optax_clipkit import _numerics
 from optax_clipkit import _per_module
+from optax_clipkit import _validation
 
 _OTHER = "other"
 _ROOT = "all"  # The group of a tree that is one array.
@@ -55,23 +56,21 @@ _metrics.register_state(
 )
 
 
+_GROUPS_ARE = ("a sequence of patterns or (pattern, name) pairs, or a"
+               " mapping from pattern to name")
+
+
 def _parse_groups(groups) -> list[tuple[str, re.Pattern]]:
-  if isinstance(groups, str) or not isinstance(groups, (Mapping, Iterable)):
-    raise TypeError(
-        "`groups` must be a sequence of patterns or (pattern, name) pairs, or"
-        f" a mapping from pattern to name, got {groups!r} (a single pattern"
-        " goes in a list: [pattern]).")
-  items = list(groups.items()) if isinstance(groups, Mapping) else list(groups)
+  items = _validation.entries(
+      "groups", groups, _GROUPS_ARE,
+      " (a single pattern goes in a list: [pattern])")
   parsed, names = [], set()
   for item in items:
     pattern, name = (item, item) if isinstance(item, str) else (None, None)
     if isinstance(item, tuple) and len(item) == 2:
       pattern, name = item
     if not isinstance(pattern, str) or not isinstance(name, str):
-      raise TypeError(
-          "`groups` must be a sequence of patterns or (pattern, name) pairs,"
-          f" or a mapping from pattern to name, got item {item!r}."
-      )
+      raise TypeError(f"`groups` must be {_GROUPS_ARE}, got item {item!r}.")
     compiled = _per_module.compile_pattern(pattern, "Group")
     if name in names or name == _OTHER:
       raise ValueError(f"Group name {name!r} is used twice (or is reserved).")

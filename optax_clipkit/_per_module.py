@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple, Union
 
 import jax
@@ -117,20 +117,17 @@ def _class_pattern(cls: type, model) -> str:
   return "^(?:" + "|".join(map(re.escape, paths)) + ")(?:/|$)"
 
 
+_RULES_ARE = ("a mapping or a sequence of (pattern, transform) or (pattern,"
+              " transform, name) tuples")
+
+
 def _parse_rules(rules, model) -> list[_Rule]:
   """The rules, in order."""
-  if isinstance(rules, str) or not isinstance(rules, (Mapping, Iterable)):
-    raise TypeError(
-        "`rules` must be a mapping or a sequence of (pattern, transform) or"
-        f" (pattern, transform, name) tuples, got {rules!r}.")
-  items = list(rules.items()) if isinstance(rules, Mapping) else list(rules)
+  items = _validation.entries("rules", rules, _RULES_ARE)
   parsed, names = [], set()
   for item in items:
     if not isinstance(item, tuple) or len(item) not in (2, 3):
-      raise TypeError(
-          "`rules` must be a mapping or a sequence of (pattern, transform)"
-          f" or (pattern, transform, name) tuples, got item {item!r}."
-      )
+      raise TypeError(f"`rules` must be {_RULES_ARE}, got item {item!r}.")
     key, rule = item[0], item[1]
     if isinstance(key, type):
       pattern, default_name = _class_pattern(key, model), key.__name__

@@ -10,12 +10,24 @@ acts as zero).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 import math
 import numbers
 from typing import Any
 
 import jax
 import numpy as np
+
+
+def entries(name: str, value: Any, expected: str, hint: str = "") -> list:
+  """The items of a mapping, or the elements of any other iterable.
+
+  Raises TypeError for anything else, a string included: "`name` must be
+  `expected`, got ...", then `hint`.
+  """
+  if isinstance(value, str) or not isinstance(value, (Mapping, Iterable)):
+    raise TypeError(f"`{name}` must be {expected}, got {value!r}{hint}.")
+  return list(value.items()) if isinstance(value, Mapping) else list(value)
 
 
 def concrete_float(name: str, value: Any, expected: str) -> float | None:
