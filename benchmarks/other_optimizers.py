@@ -9,8 +9,8 @@ Each cell prints `adaptive()`, `zclip()` and `autoclip()` against no
 clipping (healthy tasks, where no clipping stays finite) or against the best
 fixed threshold of the grid (the others).
 
-Run: ``python benchmarks/other_optimizers.py [--only TASK] [--quick]``
-(``--quick``: 60 steps, 2 seeds, a smoke run).
+Run: ``python benchmarks/other_optimizers.py [--only TASK] [--optimizers
+lion,rmsprop] [--quick]`` (``--quick``: 60 steps, 2 seeds, a smoke run).
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ def cell(task, opt, seeds=10):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--only", default=None, help="one task")
+  parser.add_argument("--optimizers", default=",".join(OPTIMIZERS),
+                      help=f"comma-separated, of: {', '.join(OPTIMIZERS)}")
   parser.add_argument("--quick", action="store_true",
                       help="60 steps, 2 seeds: a smoke run")
   args = parser.parse_args()
@@ -63,11 +65,14 @@ def main():
     parser.error(f"--only: no task named {args.only!r}")
   if args.only in SLOW:
     parser.error(f"--only: {args.only!r} is too slow for this script")
+  opts = args.optimizers.split(",")
+  if set(opts) - set(OPTIMIZERS):
+    parser.error(f"--optimizers: unknown {sorted(set(opts) - set(OPTIMIZERS))}")
   with jax.numpy_dtype_promotion("standard"):
     for name, task in tasks.items():
       if name in SLOW or args.only not in (None, name):
         continue
-      for opt in OPTIMIZERS:
+      for opt in opts:
         print(f"{name} / {opt}: {cell(task, opt, seeds)}", flush=True)
 
 
