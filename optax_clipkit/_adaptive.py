@@ -68,6 +68,19 @@ _VAR_FLOOR = 1e-4
 # be let through at 1% of its norm, and wipe them out on the first step.
 # Every task of the study starts below 1.4x, so that none of them changes.
 _PARAM_CAP = 2.0
+# A step of a fixed norm: Lion's sign steps move every coordinate by the
+# learning rate, whatever the updates' scale, so a cut cannot shrink them;
+# it only leaves the optimizer's momentum, built from the updates before the
+# cut, in charge of the direction. Such a step is told by the bends (second
+# differences) of the log of its squared norm over the subset: their
+# squares' EMA (decay `_BEND_DECAY`, each square read as at most 1) below
+# `_FIXED_STEP` while those of the log norm the updates were clipped to are
+# above `_VARIED_NORM`, so that a run whose norm does not move (clipped to a
+# threshold held constant, say) tells nothing. The step's EMA starts at
+# `_BEND_START`, about 20 steps above `_FIXED_STEP` (2026-11-27, from step
+# 40 on six of the study's tasks: with Lion the EMA reads 2e-12 to 4e-6,
+# with SGD with momentum, Adam and RMSProp 2.5e-3 to 1).
+_BEND_DECAY, _BEND_START, _FIXED_STEP, _VARIED_NORM = 0.8, 1e-2, 1e-4, 1e-3
 
 # Values of `clip_cause`.
 NONE, START, OVERSHOOT, SPIKE, CEILING = 0.0, 1.0, 2.0, 3.0, 4.0
@@ -85,7 +98,8 @@ NONE, START, OVERSHOOT, SPIKE, CEILING = 0.0, 1.0, 2.0, 3.0, 4.0
 _STATS = (("log_threshold", ()), ("log_floor", ()), ("norm_mean", ()),
           ("norm_var", ()), ("recovering", ()), ("norm_count", ()),
           ("estimate_count", ()), ("trend_sums", (2, 2)), ("slow_sums", (2,)),
-          ("step_dots", (4,)), ("loss_stats", (4 + _LAG + 1,)))
+          ("step_dots", (4,)), ("step_bends", (4,)), ("norm_bends", (4,)),
+          ("loss_stats", (4 + _LAG + 1,)))
 _VECTORS = ("prev_params", "prev_grads", "prev_step")
 _COUNTS = ("norm_count", "estimate_count")
 
@@ -137,7 +151,7 @@ class AdaptiveState(NamedTuple):
       changes: below 0 the loss falls, above `trouble` it is rising (the
       lower of the trends of the two noise estimates).
     stats: The statistics below, from `log_threshold` to `loss_stats` in
-      this order, as one float32 vector of 32 entries.
+      this order, as one float32 vector of 40 entries.
     subset: `prev_params`, `prev_grads` and `prev_step`, the rows of one
       float32 array of shape (3, about `coordinates`); under `shard_map`,
       each device's own.
@@ -159,6 +173,12 @@ class AdaptiveState(NamedTuple):
       :math:`\\langle g_{t-1}, g_{t-2}\\rangle_S`,
       :math:`\\langle g_{t-2}, d_{t-1}\\rangle_S` and :math:`|g_{t-2}|_S^2`,
       from the last finite step.
+    step_bends: For a step of a fixed norm: the log of the last step's
+      squared norm :math:`|d_{t-1}|_S^2`, its last difference, how many of
+      the two are known (0 to 2), and the EMA of the squared second
+      differences (4 floats).
+    norm_bends: The same for the log of the norm the updates were clipped
+      to.
     loss_stats: The loss watch (15 floats): the last finite loss passed (NaN
       before any), the EMA of the absolute single-step change and its total
       weight, the count of losses (saturating at 10), and the fast EMA of the
@@ -271,6 +291,25 @@ def _subset(leaves, coordinates: int) -> _Subset:
     weights.append(np.full(kept * parts, size / kept, np.float32))
   return _Subset(tuple(strides), np.concatenate(weights) if weights
                  else np.zeros((0,), np.float32))
+
+
+def _bend(x, memory, valid):
+  """The EMA of the squared second differences of `x`, step by step.
+
+  `memory` holds the last `x`, its last difference, how many of the two are
+  known (0 to 2) and the EMA. A step where `x` is not `valid` forgets the
+  differences and keeps the EMA.
+  """
+  last, slope, known, ema = memory[0], memory[1], memory[2], memory[3]
+  new_slope = x - last
+  bent = valid & (known >= 2)
+  ema = jnp.where(bent, _BEND_DECAY * ema + (1 - _BEND_DECAY)
+                  * jnp.minimum(jnp.square(new_slope - slope), 1.0), ema)
+  return jnp.stack([
+      jnp.where(valid, x, last),
+      jnp.where(valid & (known >= 1), new_slope, 0.0),
+      jnp.where(valid, jnp.minimum(known + 1, 2.0), 0.0),
+      ema])
 
 
 def _self_noise(a, d1d1, g1g1, dd1, step_dots, valid):
@@ -391,9 +430,10 @@ def adaptive(
   does for the learning rate; a run whose steps never raise the loss is
   released within about a hundred steps and then only spikes are clipped.
 
-  Designed and measured with SGD with momentum and with Adam/AdamW. With
-  Lion, RMSProp or plain SGD the loss estimate misreads some runs, and its
-  cuts can do harm; see ``docs/adaptive.md``, "Other optimizers".
+  Designed and measured with SGD with momentum and with Adam/AdamW. Steps
+  of a fixed norm, as Lion's, are told apart and never cut (below). With
+  RMSProp or plain SGD the loss estimate misreads some runs, and its cuts
+  can do harm; see ``docs/adaptive.md``, "Other optimizers".
 
   **Loss estimate.** With :math:`d_t = \theta_t - \theta_{t-1}` the step
   taken (whatever the optimizer) and :math:`g_t` the incoming updates,
@@ -494,6 +534,19 @@ def adaptive(
   Such a step cuts as a clear rise does, with :math:`T_t` read as at least
   0.5.
 
+  **Steps of a fixed norm.** A cut cannot shrink a step whose norm does not
+  follow the updates' (Lion's sign steps move every coordinate by the
+  learning rate): it only leaves the optimizer's momentum, built before the
+  cut, in charge of the direction. With :math:`B^d_t` and :math:`B^n_t` the
+  EMAs (decay 0.8) of the squared second differences of
+  :math:`\log |d_{t-1}|_S^2` and of the log norm the updates were clipped to,
+  each square read as at most 1 (:math:`B^d` starts at 0.01, :math:`B^n` at
+  0), a step with :math:`B^d_t < 10^{-4}` and :math:`B^n_{t-1} > 10^{-3}` is
+  not in trouble, and :math:`\log c_t` is raised to the release cap: the
+  controller lets go, and only spikes are clipped. A run whose clipped norm
+  does not move (held at a constant threshold) tells nothing, and second
+  differences let smooth schedules of the learning rate through.
+
   **Spikes.** With :math:`\ell_t = \mu_{t-1} + z\,\max(\sigma_{t-1}, 0.01)`
   (:math:`z` the `spike_z`; :math:`\infty` on the first step),
   :math:`x_t = \min(\log n_t, \ell_t)`,
@@ -515,7 +568,7 @@ def adaptive(
     ``clip_threshold`` is the spike cap (or `max_norm`) and ``clip_scale``
     is 1 except on spikes.
   - No copy of the parameters: the state holds its five metrics, one
-    float32 vector of 32 statistics and one array of the subset of
+    float32 vector of 40 statistics and one array of the subset of
     coordinates of the last parameters, updates and step (about
     `coordinates` entries each; a leaf with short dimensions, such as a
     convolution's 3 x 3, keeps more): seven arrays, so that on a GPU
@@ -632,6 +685,8 @@ def adaptive(
         trend_sums=jnp.zeros((2, 2)),
         slow_sums=jnp.zeros((2,)),
         step_dots=jnp.zeros((4,)),
+        step_bends=jnp.array([0.0, 0.0, 0.0, _BEND_START]),
+        norm_bends=jnp.zeros((4,)),
         loss_stats=jnp.concatenate([
             jnp.array([jnp.nan, 0.0, 0.0, 0.0]),
             jnp.zeros((_LAG + 1,))]),
@@ -677,11 +732,12 @@ def adaptive(
 
     def rule(norm, stats):
       (log_c, floor, mean, var, sums, slow, recovering, watch, count,
-       in_row, prev_p, prev_g, prev_d, step_dots) = (stats[k] for k in (
+       in_row, prev_p, prev_g, prev_d, step_dots, step_bends,
+       norm_bends) = (stats[k] for k in (
            "log_threshold", "log_floor", "norm_mean", "norm_var",
            "trend_sums", "slow_sums", "recovering", "loss_stats",
            "norm_count", "estimate_count", "prev_params", "prev_grads",
-           "prev_step", "step_dots"))
+           "prev_step", "step_dots", "step_bends", "norm_bends"))
       log_n = jnp.log(jnp.maximum(norm, jnp.finfo(jnp.float32).tiny))
       first = count == 0
       # The estimated change of the loss over the last step, and its trend.
@@ -690,6 +746,7 @@ def adaptive(
         a, b = jnp.zeros((2,), jnp.float32), jnp.zeros((), jnp.float32)
         d, new_dots = prev_d, step_dots
         log_theta = jnp.inf
+        new_bends = _bend(0.0, step_bends, False)
       else:
         d = p_sub - prev_p
         ga, b, gg, d1d1, g1g1, dd1, theta_sq = dots(
@@ -698,6 +755,10 @@ def adaptive(
         # The parameters' norm, for the first threshold (none if zero).
         log_theta = jnp.where((theta_sq > 0) & jnp.isfinite(theta_sq),
                               0.5 * jnp.log(theta_sq), jnp.inf)
+        # The last step's squared norm, for a step of a fixed norm.
+        log_d1 = jnp.log(jnp.where(d1d1 > 0, d1d1, 1.0))
+        new_bends = _bend(log_d1, step_bends,
+                          (in_row >= 2) & (d1d1 > 0) & jnp.isfinite(log_d1))
         a = -ga  # The first-order decrease the step promised.
         # b: the slope along the step where it ended.
         new_dots = jnp.stack([b, gg, ga, g1g1])
@@ -730,6 +791,10 @@ def adaptive(
       if loss is not None:
         rising, watch = _watch(f(loss), watch)
         hurt |= rising
+      # A step of a fixed norm (see `_FIXED_STEP`) is never cut: the
+      # controller lets go, and only spikes are clipped.
+      fixed = (new_bends[3] < _FIXED_STEP) & (norm_bends[3] > _VARIED_NORM)
+      hurt &= ~fixed
       # The controller: in trouble, cut in proportion to the evidence (the
       # trend; a sustained rise of the passed loss reads as a clear one);
       # otherwise grow (faster the faster the loss falls), up to the release
@@ -775,11 +840,15 @@ def adaptive(
           jnp.minimum(log_c + grow, jnp.maximum(cap, log_c)))
       log_c = jnp.where(hurt, cut_to, grown)
       log_c = jnp.where(first, floor, jnp.maximum(log_c, low))
+      log_c = jnp.where(fixed & ~first, jnp.maximum(log_c, cap), log_c)
       released = ~first & (log_c >= cap)
       controller = jnp.where(released, jnp.inf, jnp.exp(log_c))
       recovering = jnp.where(hurt, 1.0, recovering)
       spike = jnp.exp(log_spike)
       threshold = jnp.minimum(controller, spike)
+      # The log norm the updates are clipped to, for a step of a fixed norm.
+      applied = jnp.minimum(log_n, jnp.log(threshold))
+      norm_bends = _bend(applied, norm_bends, jnp.isfinite(applied))
       # Why a norm above the threshold is clipped.
       why = jnp.where(spike < controller, SPIKE,
                       jnp.where(recovering > 0, OVERSHOOT, START))
@@ -790,7 +859,8 @@ def adaptive(
           norm_count=jnp.minimum(count + 1, 2),
           estimate_count=0 if p_sub is None else jnp.minimum(in_row + 1, 2),
           prev_params=prev_p if p_sub is None else p_sub, prev_grads=g_sub,
-          prev_step=d, step_dots=new_dots)
+          prev_step=d, step_dots=new_dots, step_bends=new_bends,
+          norm_bends=norm_bends)
       return threshold, new, why, trend
 
     norm = _numerics.global_norm(leaves, axis_name)

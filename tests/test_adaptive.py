@@ -328,6 +328,20 @@ class AdaptiveReference:
     self.last_loss, self.fast, self.levels = np.nan, 0.0, []
     self.change, self.change_weight = 0.0, 0.0
     self.rises = []  # Per finite loss: whether it read as a sustained rise.
+    # A step of a fixed norm: the bends (second differences) of the log of
+    # the last step's squared norm and of the log norm clipped to, each as
+    # [last value, last difference, how many known, EMA of squared bends].
+    self.step_bends, self.norm_bends = [0.0, 0.0, 0, 1e-2], [0.0, 0.0, 0, 0.0]
+    self.fixed = []  # Per step: whether the step read as of a fixed norm.
+
+  @staticmethod
+  def bend(x, memory, valid):
+    last, slope, known, ema = memory
+    if not valid:
+      return [last, slope, 0, ema]
+    if known >= 2:
+      ema = 0.8 * ema + 0.2 * min((x - last - slope) ** 2, 1.0)
+    return [x, x - last if known >= 1 else 0.0, min(known + 1, 2), ema]
 
   def loss_rising(self, loss):
     """The docstring's sustained-rise test; updates the loss watch."""
@@ -372,6 +386,8 @@ class AdaptiveReference:
       gg, g1g1 = self.dot(g, self.prev_g), self.dot(self.prev_g, self.prev_g)
       if self.count >= 2:
         d1d1 = self.dot(self.prev_d, self.prev_d)
+        self.step_bends = self.bend(np.log(d1d1) if d1d1 > 0 else 0.0,
+                                    self.step_bends, d1d1 > 0)
         det = d1d1 * g1g1 - self.b1 ** 2
         if d1d1 > 0 and det > 1e-3 * d1d1 * g1g1:
           # Least squares: d = beta * prev_d - eta * prev_g.
@@ -402,6 +418,11 @@ class AdaptiveReference:
     evidence = max(trend, 0.0)
     if loss is not None and self.loss_rising(loss):
       hurt, evidence = True, max(evidence, 0.5)  # Read as a clear rise.
+    # A step whose norm stays fixed while the norm clipped to moves is
+    # never cut, and the controller lets go.
+    fixed = self.step_bends[3] < 1e-4 and self.norm_bends[3] > 1e-3
+    hurt = hurt and not fixed
+    self.fixed.append(fixed)
     cap = self.mean + np.log(h["release"])
     if first:
       # At `start` times the norm, or at most twice the parameters' norm.
@@ -424,6 +445,8 @@ class AdaptiveReference:
         grown = self.log_c + np.log(h["slow_start"]) * speed
       self.log_c = min(grown, max(cap, self.log_c))
     self.log_c = max(self.log_c, min(self.floor, self.mean + np.log(0.05)))
+    if fixed and not first:
+      self.log_c = max(self.log_c, cap)
     self.recovering = self.recovering or hurt
     controller = np.inf if (not first and self.log_c >= cap) else np.exp(
         self.log_c)
@@ -440,6 +463,8 @@ class AdaptiveReference:
       self.log_c = max(self.log_c, self.mean + np.log(h["release"]))
     spike = np.exp(log_spike)
     threshold = min(controller, spike)
+    applied = min(log_n, np.log(threshold))
+    self.norm_bends = self.bend(applied, self.norm_bends, np.isfinite(applied))
     cause = 0.0
     if n > threshold:
       cause = 3.0 if spike < controller else (2.0 if self.recovering else 1.0)
@@ -477,6 +502,17 @@ def training_sequence(seed, steps, bad=()):
   return grads, params
 
 
+def sign_sequence(seed, steps, bad=()):
+  """(grads, params) pairs: params take sign steps, as Lion's, of one norm."""
+  grads = norm_sequence(seed, steps, bad)
+  params, p = [], jax.tree.map(lambda x: np.zeros_like(x), grads[0])
+  for g in grads:
+    params.append(p)
+    p = jax.tree.map(lambda x, y: (x - 1e-2 * np.sign(np.nan_to_num(
+        y, posinf=0.0, neginf=0.0))).astype(np.float32), p, g)
+  return grads, params
+
+
 @pytest.mark.parametrize("hp", [
     {},
     {"trouble": -0.2, "cut_rate": 2.0, "coordinates": 4},
@@ -485,7 +521,19 @@ def training_sequence(seed, steps, bad=()):
      "coordinates": 1000},
 ])
 def test_adaptive_matches_reference(hp):
-  _check_against_reference(hp, losses=None)
+  ref = _check_against_reference(hp, losses=None)
+  assert not any(ref.fixed)  # Steps of varying norm.
+
+
+@pytest.mark.parametrize("loss", [False, True])
+def test_adaptive_matches_reference_on_steps_of_a_fixed_norm(loss):
+  losses = loss_sequence(4, 300, bad=(3, 150)) if loss else None
+  ref = _check_against_reference({}, losses, sequence=sign_sequence)
+  # Read as fixed once the EMA of the bends has decayed (some 20 steps) and
+  # the norm clipped to has moved, and from then on.
+  fixed = np.flatnonzero(ref.fixed)
+  assert 20 < fixed[0] < 60, fixed
+  assert np.mean(ref.fixed[150:]) > 0.9
 
 
 def loss_sequence(seed, steps, bad=()):
@@ -516,8 +564,8 @@ def test_adaptive_with_loss_matches_reference(hp):
   assert np.any((rises > 200) & (rises < 215)), rises
 
 
-def _check_against_reference(hp, losses):
-  grads, params = training_sequence(2, 300, bad=(0, 5, 100, 101))
+def _check_against_reference(hp, losses, sequence=None):
+  grads, params = (sequence or training_sequence)(2, 300, bad=(0, 5, 100, 101))
   tx = clipkit.adaptive(**hp)
   update = jax.jit(tx.update)
   state = tx.init(params[0])
@@ -640,6 +688,46 @@ def test_adaptive_keeps_a_deep_residual_mlp_without_normalization_finite():
   assert np.median(clipped) < 1.0, clipped
 
 
+def test_adaptive_does_no_harm_to_lion():
+  # Lion's sign steps have one norm whatever the updates' scale: a cut
+  # cannot shrink them and only leaves the momentum from before it in
+  # charge (the rule that cut there ended this run at 24x the loss of no
+  # clipping). Such steps are told apart, and the controller lets go.
+  x = jax.random.normal(jax.random.PRNGKey(0), (500, 20))
+  y = x @ jax.random.normal(jax.random.PRNGKey(1), (20,))
+  y = y / jnp.std(y)
+
+  def loss(p, xb, yb):
+    h = jax.nn.relu(xb @ p["w1"] + p["b1"][None])
+    return jnp.mean(jnp.square((h @ p["w2"])[:, 0] + p["b2"] - yb))
+
+  def run(seed, clip):
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
+    p = {"w1": jax.random.normal(k1, (20, 25)) / jnp.sqrt(20.0),
+         "b1": jnp.zeros((25,)),
+         "w2": jax.random.normal(k2, (25, 1)) / 5.0, "b2": jnp.zeros(())}
+    tx = optax.chain(clipkit.adaptive() if clip else optax.identity(),
+                     optax.lion(1e-2))
+
+    def step(carry, k):
+      p, s = carry
+      i = jax.random.randint(k, (32,), 0, 500)
+      g = jax.grad(loss)(p, x[i], y[i])
+      u, s = tx.update(g, s, p)
+      scale = s[0].clip_scale if clip else jnp.ones(())
+      return (optax.apply_updates(p, u), s), scale
+
+    (p, _), scales = jax.lax.scan(step, (p, tx.init(p)),
+                                  jax.random.split(k3, 400))
+    return loss(p, x, y), scales
+
+  seeds = jnp.arange(4)
+  none, _ = jax.jit(jax.vmap(lambda k: run(k, False)))(seeds)
+  clipped, scales = jax.jit(jax.vmap(lambda k: run(k, True)))(seeds)
+  assert np.median(clipped) <= 1.25 * np.median(none), (clipped, none)
+  assert np.mean(scales[:, 200:] >= 1) > 0.9
+
+
 def test_adaptive_statistics_read_by_name_from_a_vmapped_state():
   """Each statistic read from a batch of states is that seed's own."""
   tx = clipkit.adaptive(coordinates=4)
@@ -662,7 +750,7 @@ def test_adaptive_statistics_read_by_name_from_a_vmapped_state():
            "prev_grads", "prev_step")
   for seed in range(3):
     one = run(seed)
-    assert one.stats.shape == (32,)
+    assert one.stats.shape == (40,)
     assert one.prev_params.shape == (one.subset.shape[-1],)
     assert one.trend_sums.shape == (2, 2)
     for count in (one.norm_count, one.estimate_count):
