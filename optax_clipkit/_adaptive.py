@@ -77,9 +77,8 @@ _PARAM_CAP = 2.0
 # `_FIXED_STEP` while those of the log norm the updates were clipped to are
 # above `_VARIED_NORM`, so that a run whose norm does not move (clipped to a
 # threshold held constant, say) tells nothing. The step's EMA starts at
-# `_BEND_START`, about 20 steps above `_FIXED_STEP` (2026-11-27, from step
-# 40 on six of the study's tasks: with Lion the EMA reads 2e-12 to 4e-6,
-# with SGD with momentum, Adam and RMSProp 2.5e-3 to 1).
+# `_BEND_START`, about 20 steps above `_FIXED_STEP`. What each optimizer
+# reads: docs/adaptive.md, "Steps of a fixed norm".
 _BEND_DECAY, _BEND_START, _FIXED_STEP, _VARIED_NORM = 0.8, 1e-2, 1e-4, 1e-3
 
 # Values of `clip_cause`.
@@ -91,7 +90,7 @@ NONE, START, OVERSHOOT, SPIKE, CEILING = 0.0, 1.0, 2.0, 3.0, 4.0
 # array, `AdaptiveState.subset`. On a GPU each array of a state is written
 # by a kernel of its own: with the statistics in 13 arrays, an `adaptive()`
 # + AdamW step of 16M parameters took 1.17-1.30x AdamW's time on an H200,
-# 1.10-1.17x with them in one vector (2026-11-27; docs/adaptive.md,
+# 1.07-1.17x with them in one vector (2026-11-27; docs/adaptive.md,
 # "Results", goal 5). The subset is an array of its own because under
 # `shard_map` it differs from device to device (each packs its own shards)
 # while the statistics, computed from sums over the axis, do not.
@@ -100,6 +99,7 @@ _STATS = (("log_threshold", ()), ("log_floor", ()), ("norm_mean", ()),
           ("estimate_count", ()), ("trend_sums", (2, 2)), ("slow_sums", (2,)),
           ("step_dots", (4,)), ("step_bends", (4,)), ("norm_bends", (4,)),
           ("loss_stats", (4 + _LAG + 1,)))
+_N_STATS = sum(math.prod(shape) for _, shape in _STATS)
 _VECTORS = ("prev_params", "prev_grads", "prev_step")
 _COUNTS = ("norm_count", "estimate_count")
 
@@ -431,9 +431,10 @@ def adaptive(
   released within about a hundred steps and then only spikes are clipped.
 
   Designed and measured with SGD with momentum and with Adam/AdamW. Steps
-  of a fixed norm, as Lion's, are told apart and never cut (below). With
-  RMSProp or plain SGD the loss estimate misreads some runs, and its cuts
-  can do harm; see ``docs/adaptive.md``, "Other optimizers".
+  of a fixed norm, as Lion's (with a small weight decay), are told apart
+  some 40 steps in, and then not cut (below). With RMSProp or plain SGD the
+  loss estimate misreads some runs, and its cuts can do harm; see
+  ``docs/adaptive.md``, "Other optimizers".
 
   **Loss estimate.** With :math:`d_t = \theta_t - \theta_{t-1}` the step
   taken (whatever the optimizer) and :math:`g_t` the incoming updates,
@@ -543,9 +544,13 @@ def adaptive(
   each square read as at most 1 (:math:`B^d` starts at 0.01, :math:`B^n` at
   0), a step with :math:`B^d_t < 10^{-4}` and :math:`B^n_{t-1} > 10^{-3}` is
   not in trouble, and :math:`\log c_t` is raised to the release cap: the
-  controller lets go, and only spikes are clipped. A run whose clipped norm
-  does not move (held at a constant threshold) tells nothing, and second
-  differences let smooth schedules of the learning rate through.
+  controller lets go, and only spikes are clipped; this overrides the
+  passed loss too. A run whose clipped norm does not move (held at a
+  constant threshold) tells nothing, and second differences let smooth
+  schedules of the learning rate through (a jump of the rate holds
+  :math:`B^d` above its bound for some 40 steps; a step of norm 0 restarts
+  the differences). A weight decay in the step (Lion's `wd`
+  :math:`\theta`) moves its norm, and a large one hides it.
 
   **Spikes.** With :math:`\ell_t = \mu_{t-1} + z\,\max(\sigma_{t-1}, 0.01)`
   (:math:`z` the `spike_z`; :math:`\infty` on the first step),
@@ -710,6 +715,11 @@ def adaptive(
     leaves = jax.tree.leaves(updates)
     coords = _subset(leaves, n_coords)
     g_sub = coords.pack(leaves)
+    if state.stats.shape[-1] != _N_STATS:
+      raise ValueError(
+          f"`state` holds {state.stats.shape[-1]} statistics, where this"
+          f" version of `adaptive` keeps {_N_STATS}: it was made by another"
+          " version (a checkpoint of an older state does not resume).")
     if state.subset.shape[-1] != g_sub.shape[0]:
       raise ValueError(
           f"`state` holds a subset of {state.subset.shape[-1]} coordinates,"
@@ -847,7 +857,8 @@ def adaptive(
       spike = jnp.exp(log_spike)
       threshold = jnp.minimum(controller, spike)
       # The log norm the updates are clipped to, for a step of a fixed norm.
-      applied = jnp.minimum(log_n, jnp.log(threshold))
+      applied = jnp.minimum(
+          log_n, jnp.log(_history.ceiling(threshold, max_norm)))
       norm_bends = _bend(applied, norm_bends, jnp.isfinite(applied))
       # Why a norm above the threshold is clipped.
       why = jnp.where(spike < controller, SPIKE,

@@ -8,6 +8,7 @@ import optax
 import pytest
 
 import optax_clipkit as clipkit
+from optax_clipkit import _adaptive
 from tests.test_conformance import largest_gather
 
 
@@ -726,6 +727,44 @@ def test_adaptive_does_no_harm_to_lion():
   clipped, scales = jax.jit(jax.vmap(lambda k: run(k, True)))(seeds)
   assert np.median(clipped) <= 1.25 * np.median(none), (clipped, none)
   assert np.mean(scales[:, 200:] >= 1) > 0.9
+
+
+@pytest.mark.parametrize("lr, momentum", [(0.1, 0.9), (10.0, 0.9),
+                                          (2.5, 0.0)])
+def test_adaptive_full_batch_sgd_runs_as_without_the_fixed_step_test(
+    lr, momentum, monkeypatch):
+  # Full-batch SGD on a quadratic takes steps of a smooth norm (their bends
+  # alone read below the bound on most steps), converging or not: the rule
+  # must run exactly as it does without step 9.
+  a = jnp.linspace(0.1, 1.0, 50)
+
+  def run():
+    tx = optax.chain(clipkit.adaptive(), optax.sgd(lr, momentum=momentum))
+
+    def step(carry, _):
+      p, s = carry
+      u, s = tx.update(a * p, s, p)
+      return (optax.apply_updates(p, u), s), (s[0].clip_threshold,
+                                               s[0].step_bends[3])
+
+    p = 10 * jnp.ones(50)
+    return [np.asarray(x) for x in jax.jit(
+        lambda p: jax.lax.scan(step, (p, tx.init(p)), None, 300)[1])(p)]
+
+  thresholds, bends = run()
+  if lr < 1:
+    assert np.mean(bends < 1e-4) > 0.5
+  monkeypatch.setattr(_adaptive, "_FIXED_STEP", -1.0)  # Step 9 off.
+  np.testing.assert_array_equal(thresholds, run()[0])
+
+
+def test_adaptive_state_of_another_layout_raises():
+  tx = clipkit.adaptive()
+  p = {"w": jnp.ones((4,))}
+  state = tx.init(p)
+  old = state._replace(stats=state.stats[:32])  # An older layout.
+  with pytest.raises(ValueError, match="holds 32 statistics"):
+    tx.update(p, old, p)
 
 
 def test_adaptive_statistics_read_by_name_from_a_vmapped_state():
