@@ -54,14 +54,37 @@ STRATEGIES = {
 }
 
 
+# Optimizers outside the study (other_optimizers.py): name -> the optimizer,
+# from the task's rates (Adam's for adaptive methods, SGD's for SGD).
+OTHER_OPTIMIZERS = {
+    "lion": lambda lr: optax.lion(lr["adam"] / 3),
+    "rmsprop": lambda lr: optax.rmsprop(lr["adam"]),
+    # No momentum, the step of momentum 0.9's: an aggressive rate.
+    "sgd-plain": lambda lr: optax.sgd(10 * lr["sgd"]),
+    "adamw": lambda lr: optax.adamw(lr["adam"], weight_decay=0.1),
+    "adamw-wd-0.01": lambda lr: optax.adamw(lr["adam"], weight_decay=0.01),
+    "adamw-b2-0.95": lambda lr: optax.adamw(lr["adam"], b2=0.95,
+                                            weight_decay=0.1),
+    "nadam": lambda lr: optax.nadam(lr["adam"]),
+    "adabelief": lambda lr: optax.adabelief(lr["adam"]),
+    "yogi": lambda lr: optax.yogi(lr["adam"]),
+    "adan": lambda lr: optax.adan(lr["adam"]),
+    "adagrad": lambda lr: optax.adagrad(3 * lr["adam"]),
+    "sm3": lambda lr: optax.sm3(3 * lr["adam"]),
+    "adafactor": lambda lr: optax.adafactor(lr["adam"]),
+    "lamb": lambda lr: optax.lamb(lr["adam"]),
+    "muon": lambda lr: optax.contrib.muon(lr["adam"]),
+    "rmsprop-momentum": lambda lr: optax.rmsprop(lr["adam"] / 3,
+                                                 momentum=0.9),
+    "nesterov": lambda lr: optax.sgd(lr["sgd"], momentum=0.9, nesterov=True),
+    "sgd-momentum-0.99": lambda lr: optax.sgd(lr["sgd"] / 10, momentum=0.99),
+    "sgd-plain-1x": lambda lr: optax.sgd(lr["sgd"]),
+}
+
+
 def optimizer(task, name):
-  # Optimizers outside the study (other_optimizers.py), from its rates.
-  if name == "lion":
-    return optax.lion(task.lr["adam"] / 3)
-  if name == "rmsprop":
-    return optax.rmsprop(task.lr["adam"])
-  if name == "sgd-plain":  # No momentum, the step of momentum 0.9's.
-    return optax.sgd(10 * task.lr["sgd"])
+  if name in OTHER_OPTIMIZERS:
+    return OTHER_OPTIMIZERS[name](task.lr)
   lr = task.lr[name]
   if task.schedule == "warmup_cosine":
     lr = optax.warmup_cosine_decay_schedule(

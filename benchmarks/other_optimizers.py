@@ -1,16 +1,19 @@
-"""`adaptive()` with optimizers outside the study: Lion, RMSProp, plain SGD.
+"""`adaptive()` with optimizers outside the study: Lion, RMSProp, plain SGD...
 
 The study's tasks (`adaptive_tasks`: design, held out and the later families,
 but the CNN and the GPT, which are slow) with `optax.lion` (a third of the
 task's Adam rate), `optax.rmsprop` (Adam's rate) and `optax.sgd` without
 momentum at ten times the rate the study gives SGD with momentum 0.9 (the
-same step in the long run). 400 steps, 10 seeds vmapped, as in the study.
+same step in the long run); ``--optimizers`` picks others of
+`adaptive_study.OTHER_OPTIMIZERS` (AdamW with a weight decay of 0.1, LAMB,
+Muon, Adafactor, ...). 400 steps, 10 seeds vmapped, as in the study.
 Each cell prints `adaptive()`, `zclip()` and `autoclip()` against no
 clipping (healthy tasks, where no clipping stays finite) or against the best
 fixed threshold of the grid (the others).
 
-Run: ``python benchmarks/other_optimizers.py [--only TASK] [--optimizers
-lion,rmsprop] [--quick]`` (``--quick``: 60 steps, 2 seeds, a smoke run).
+Run: ``python benchmarks/other_optimizers.py [--only TASK] [--kind healthy]
+[--optimizers lion,rmsprop] [--quick]`` (``--quick``: 60 steps, 2 seeds, a
+smoke run).
 """
 
 from __future__ import annotations
@@ -28,14 +31,15 @@ import adaptive_tasks  # pylint: disable=g-import-not-at-top,wrong-import-positi
 
 import optax_clipkit as clipkit  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-OPTIMIZERS = ("lion", "rmsprop", "sgd-plain")
+DEFAULT = ("lion", "rmsprop", "sgd-plain")
+OPTIMIZERS = tuple(S.OTHER_OPTIMIZERS)
 ARMS = {"adaptive()": clipkit.adaptive, "zclip()": clipkit.zclip,
         "autoclip()": clipkit.autoclip}
 SLOW = ("cnn", "char-gpt")
 
 
 def cell(task, opt, seeds=10):
-  """One line of the table: each arm's ratio, and diverged seeds."""
+  """One line of the table: each arm's ratio, diverged seeds, the grid's."""
   out, _ = S.run_cell(task, opt, seeds, {"no clipping": None, **ARMS})
   none = S.median(np.array(out["no clipping"]))
   best = min(S.median(np.array(g)) for g in out["grid"].values())
@@ -47,13 +51,17 @@ def cell(task, opt, seeds=10):
     parts.append(f"{name} {S.fmt(S.median(losses) / ref)}"
                  + (f" ({div} diverged)" if div else ""))
   what = "no clipping" if ref == none else "best fixed"
-  return f"against {what}: " + ", ".join(parts)
+  grid = ", ".join(f"{c} {S.fmt(S.median(np.array(g)) / ref)}"
+                   for c, g in out["grid"].items())
+  return f"against {what}: " + ", ".join(parts) + f"; fixed: {grid}"
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--only", default=None, help="one task")
-  parser.add_argument("--optimizers", default=",".join(OPTIMIZERS),
+  parser.add_argument("--kind", choices=("healthy", "exploding"),
+                      default=None, help="only the tasks of this kind")
+  parser.add_argument("--optimizers", default=",".join(DEFAULT),
                       help=f"comma-separated, of: {', '.join(OPTIMIZERS)}")
   parser.add_argument("--quick", action="store_true",
                       help="60 steps, 2 seeds: a smoke run")
@@ -71,6 +79,8 @@ def main():
   with jax.numpy_dtype_promotion("standard"):
     for name, task in tasks.items():
       if name in SLOW or args.only not in (None, name):
+        continue
+      if args.kind is not None and task.exploding != (args.kind == "exploding"):
         continue
       for opt in opts:
         print(f"{name} / {opt}: {cell(task, opt, seeds)}", flush=True)
