@@ -55,7 +55,8 @@ STRATEGIES = {
 
 
 # Optimizers outside the study (other_optimizers.py): name -> the optimizer,
-# from the task's rates (Adam's for adaptive methods, SGD's for SGD).
+# from the task's rates (Adam's for adaptive methods, SGD's for SGD, scaled
+# where noted).
 OTHER_OPTIMIZERS = {
     "lion": lambda lr: optax.lion(lr["adam"] / 3),
     "rmsprop": lambda lr: optax.rmsprop(lr["adam"]),

@@ -9,11 +9,12 @@ same step in the long run); ``--optimizers`` picks others of
 Muon, Adafactor, ...). 400 steps, 10 seeds vmapped, as in the study.
 Each cell prints `adaptive()`, `zclip()` and `autoclip()` against no
 clipping (healthy tasks, where no clipping stays finite) or against the best
-fixed threshold of the grid (the others).
+fixed threshold of the grid (the others), then each fixed threshold of the
+grid against the same reference.
 
-Run: ``python benchmarks/other_optimizers.py [--only TASK] [--kind healthy]
-[--optimizers lion,rmsprop] [--quick]`` (``--quick``: 60 steps, 2 seeds, a
-smoke run).
+Run: ``python benchmarks/other_optimizers.py [--only TASK] [--kind
+healthy|exploding] [--optimizers lion,rmsprop] [--first-seed N] [--quick]``
+(``--quick``: 60 steps, 2 seeds, a smoke run).
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ def main():
                       default=None, help="only the tasks of this kind")
   parser.add_argument("--optimizers", default=",".join(DEFAULT),
                       help=f"comma-separated, of: {', '.join(OPTIMIZERS)}")
+  parser.add_argument("--first-seed", type=int, default=0,
+                      help="seeds are first-seed, first-seed + 1, ...")
   parser.add_argument("--quick", action="store_true",
                       help="60 steps, 2 seeds: a smoke run")
   args = parser.parse_args()
@@ -73,9 +76,13 @@ def main():
     parser.error(f"--only: no task named {args.only!r}")
   if args.only in SLOW:
     parser.error(f"--only: {args.only!r} is too slow for this script")
+  if (args.only is not None and args.kind is not None
+      and tasks[args.only].exploding != (args.kind == "exploding")):
+    parser.error(f"--only: {args.only!r} is not a task of --kind {args.kind}")
   opts = args.optimizers.split(",")
   if set(opts) - set(OPTIMIZERS):
     parser.error(f"--optimizers: unknown {sorted(set(opts) - set(OPTIMIZERS))}")
+  S.FIRST_SEED = args.first_seed
   with jax.numpy_dtype_promotion("standard"):
     for name, task in tasks.items():
       if name in SLOW or args.only not in (None, name):

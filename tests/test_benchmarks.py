@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -107,6 +108,23 @@ def test_other_optimizers_quick():
   stdout = smoke("other_optimizers.py", "--only", "logistic")
   for opt in ("lion", "rmsprop", "sgd-plain"):
     assert f"logistic / {opt}: against no clipping: adaptive()" in stdout
+
+
+def test_other_optimizers_all_step(monkeypatch):
+  # Every optimizer of the table builds and takes a finite step.
+  if str(BENCHMARKS) not in sys.path:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+  import adaptive_study  # pylint: disable=g-import-not-at-top
+  params = {"w": jnp.ones((4, 3)), "b": jnp.zeros((3,))}
+  grads = {"w": jnp.full((4, 3), 0.5), "b": jnp.ones((3,))}
+  rates = {"sgd": 0.01, "adam": 1e-3}
+  for name, make in adaptive_study.OTHER_OPTIMIZERS.items():
+    opt = make(rates)
+    # Some of optax's optimizers mix int and float dtypes.
+    with jax.numpy_dtype_promotion("standard"):
+      updates, _ = opt.update(grads, opt.init(params), params)
+    assert all(bool(jnp.all(jnp.isfinite(u)) & jnp.any(u != 0))
+               for u in jax.tree.leaves(updates)), name
 
 
 def test_long_healthy_quick():
