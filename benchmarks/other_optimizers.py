@@ -1,4 +1,4 @@
-"""`adaptive()` with optimizers outside the study: Lion, RMSProp, plain SGD...
+"""`adaptive()` with optimizers outside the study: Lion, RMSProp, Muon, ...
 
 The study's tasks (`adaptive_tasks`: design, held out and the later families,
 but the CNN and the GPT, which are slow) with `optax.lion` (a third of the
@@ -37,6 +37,7 @@ OPTIMIZERS = tuple(S.OTHER_OPTIMIZERS)
 ARMS = {"adaptive()": clipkit.adaptive, "zclip()": clipkit.zclip,
         "autoclip()": clipkit.autoclip}
 SLOW = ("cnn", "char-gpt")
+KINDS = ("healthy", "exploding")  # Indexed by `task.exploding`.
 
 
 def cell(task, opt, seeds=10):
@@ -60,7 +61,7 @@ def cell(task, opt, seeds=10):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--only", default=None, help="one task")
-  parser.add_argument("--kind", choices=("healthy", "exploding"),
+  parser.add_argument("--kind", choices=KINDS,
                       default=None, help="only the tasks of this kind")
   parser.add_argument("--optimizers", default=",".join(DEFAULT),
                       help=f"comma-separated, of: {', '.join(OPTIMIZERS)}")
@@ -76,8 +77,8 @@ def main():
     parser.error(f"--only: no task named {args.only!r}")
   if args.only in SLOW:
     parser.error(f"--only: {args.only!r} is too slow for this script")
-  if (args.only is not None and args.kind is not None
-      and tasks[args.only].exploding != (args.kind == "exploding")):
+  of_kind = lambda task: args.kind in (None, KINDS[task.exploding])
+  if args.only is not None and not of_kind(tasks[args.only]):
     parser.error(f"--only: {args.only!r} is not a task of --kind {args.kind}")
   opts = args.optimizers.split(",")
   if set(opts) - set(OPTIMIZERS):
@@ -87,7 +88,7 @@ def main():
     for name, task in tasks.items():
       if name in SLOW or args.only not in (None, name):
         continue
-      if args.kind is not None and task.exploding != (args.kind == "exploding"):
+      if not of_kind(task):
         continue
       for opt in opts:
         print(f"{name} / {opt}: {cell(task, opt, seeds)}", flush=True)
