@@ -103,6 +103,10 @@ PASS_LOSS = ("adaptive(), loss=",)
 
 # The first seed; `--first-seed` moves it to check a result on fresh seeds.
 FIRST_SEED = 0
+# Gradient accumulation: above 1, `optax.MultiSteps` of that many calls over
+# the optimizer, every strategy chained before it (other_optimizers.py's
+# `--multisteps`).
+MULTISTEPS = 1
 
 
 def train(task, opt_name, make_clip, hparams, seeds, trace=False,
@@ -114,6 +118,8 @@ def train(task, opt_name, make_clip, hparams, seeds, trace=False,
   None for no clipping. Everything runs as one jitted, vmapped scan.
   """
   opt = optimizer(task, opt_name)
+  if MULTISTEPS > 1:
+    opt = optax.MultiSteps(opt, every_k_schedule=MULTISTEPS)
 
   def one(h, seed):
     clip = None if make_clip is None else make_clip(h)

@@ -6,14 +6,17 @@ task's Adam rate), `optax.rmsprop` (Adam's rate) and `optax.sgd` without
 momentum at ten times the rate the study gives SGD with momentum 0.9 (the
 same step in the long run); ``--optimizers`` picks others of
 `adaptive_study.OTHER_OPTIMIZERS` (AdamW with a weight decay of 0.1, LAMB,
-Muon, Adafactor, ...). 400 steps, 10 seeds vmapped, as in the study.
+Muon, Adafactor, ...) or the study's own (sgd, adam). 400 steps, 10 seeds
+vmapped, as in the study; ``--multisteps K`` chains every strategy before
+``optax.MultiSteps`` of K calls (400 calls, 400 / K steps).
 Each cell prints `adaptive()`, `zclip()` and `autoclip()` against no
 clipping (healthy tasks, where no clipping stays finite) or against the best
 fixed threshold of the grid (the others), then each fixed threshold of the
 grid against the same reference.
 
 Run: ``python benchmarks/other_optimizers.py [--only TASK] [--kind
-healthy|exploding] [--optimizers lion,rmsprop] [--first-seed N] [--quick]``
+healthy|exploding] [--optimizers lion,rmsprop] [--first-seed N]
+[--multisteps K] [--quick]``
 (``--quick``: 60 steps, 2 seeds, a smoke run).
 """
 
@@ -33,7 +36,7 @@ import adaptive_tasks  # pylint: disable=g-import-not-at-top,wrong-import-positi
 import optax_clipkit as clipkit  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 DEFAULT = ("lion", "rmsprop", "sgd-plain")
-OPTIMIZERS = tuple(S.OTHER_OPTIMIZERS)
+OPTIMIZERS = S.OPTIMIZERS + tuple(S.OTHER_OPTIMIZERS)  # The study's too.
 ARMS = {"adaptive()": clipkit.adaptive, "zclip()": clipkit.zclip,
         "autoclip()": clipkit.autoclip}
 SLOW = ("cnn", "char-gpt")
@@ -67,6 +70,9 @@ def main():
                       help=f"comma-separated, of: {', '.join(OPTIMIZERS)}")
   parser.add_argument("--first-seed", type=int, default=0,
                       help="seeds are first-seed, first-seed + 1, ...")
+  parser.add_argument("--multisteps", type=int, default=1,
+                      help="accumulate this many gradients per step "
+                      "(optax.MultiSteps after every strategy)")
   parser.add_argument("--quick", action="store_true",
                       help="60 steps, 2 seeds: a smoke run")
   args = parser.parse_args()
@@ -83,7 +89,9 @@ def main():
   opts = args.optimizers.split(",")
   if set(opts) - set(OPTIMIZERS):
     parser.error(f"--optimizers: unknown {sorted(set(opts) - set(OPTIMIZERS))}")
-  S.FIRST_SEED = args.first_seed
+  if args.multisteps < 1:
+    parser.error(f"--multisteps: must be at least 1, got {args.multisteps}")
+  S.FIRST_SEED, S.MULTISTEPS = args.first_seed, args.multisteps
   with jax.numpy_dtype_promotion("standard"):
     for name, task in tasks.items():
       if name in SLOW or args.only not in (None, name):

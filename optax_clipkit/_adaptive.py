@@ -96,7 +96,8 @@ NONE, START, OVERSHOOT, SPIKE, CEILING = 0.0, 1.0, 2.0, 3.0, 4.0
 # while the statistics, computed from sums over the axis, do not.
 _STATS = (("log_threshold", ()), ("log_floor", ()), ("norm_mean", ()),
           ("norm_var", ()), ("recovering", ()), ("norm_count", ()),
-          ("estimate_count", ()), ("trend_sums", (2, 2)), ("slow_sums", (2,)),
+          ("estimate_count", ()), ("grad_count", ()),
+          ("trend_sums", (2, 2)), ("slow_sums", (2,)),
           ("step_dots", (4,)), ("step_bends", (4,)), ("norm_bends", (4,)),
           ("loss_stats", (4 + _LAG + 1,)))
 _N_STATS = sum(math.prod(shape) for _, shape in _STATS)
@@ -151,7 +152,7 @@ class AdaptiveState(NamedTuple):
       changes: below 0 the loss falls, above `trouble` it is rising (the
       lower of the trends of the two noise estimates).
     stats: The statistics below, from `log_threshold` to `loss_stats` in
-      this order, as one float32 vector of 40 entries.
+      this order, as one float32 vector of 41 entries.
     subset: `prev_params`, `prev_grads` and `prev_step`, the rows of one
       float32 array of shape (3, about `coordinates`); under `shard_map`,
       each device's own.
@@ -165,6 +166,10 @@ class AdaptiveState(NamedTuple):
       2 (read as int32).
     estimate_count: The same, reset by a step without `params`: the loss
       estimate needs two steps with them in a row (read as int32).
+    grad_count: How many gradients `prev_grads` averages: those of the
+      steps since the parameters last moved (one, unless steps leave the
+      parameters in place, as the micro-steps of `optax.MultiSteps` do
+      where `adaptive()` is chained before it).
     trend_sums: EMAs of :math:`\\Delta L` (first row) and of its scale
       (second row), one column per noise estimate (2 x 2 floats).
     slow_sums: The same over the slow EMA that tells a sustained rise,
@@ -185,7 +190,8 @@ class AdaptiveState(NamedTuple):
       loss over the last 11 steps.
     prev_params: The parameters' subset coordinates at the last finite step,
       a vector of about `coordinates` entries.
-    prev_grads: The gradients' subset coordinates at the last finite step.
+    prev_grads: The gradients' subset coordinates at the last finite step
+      (their mean over the steps since the parameters last moved).
     prev_step: The subset coordinates of the step before that one,
       :math:`d_{t-1}`.
   """
@@ -573,7 +579,7 @@ def adaptive(
     ``clip_threshold`` is the spike cap (or `max_norm`) and ``clip_scale``
     is 1 except on spikes.
   - No copy of the parameters: the state holds its five metrics, one
-    float32 vector of 40 statistics and one array of the subset of
+    float32 vector of 41 statistics and one array of the subset of
     coordinates of the last parameters, updates and step (about
     `coordinates` entries each; a leaf with short dimensions, such as a
     convolution's 3 x 3, keeps more): seven arrays, so that on a GPU
@@ -598,6 +604,14 @@ def adaptive(
     with spike clipping. `params` must otherwise have the leaves and shapes
     of the updates (ValueError); after a step without them, the estimate
     waits for two steps with them.
+  - A step that leaves the parameters in place (on the subset) makes no
+    step to read: the estimate, and the threshold's growth and cuts by
+    it, wait for the next step that moves them, which is read against the
+    mean of the gradients since the last one. So ``optax.chain(adaptive(),
+    optax.MultiSteps(opt, k))`` reads each step of the accumulated
+    gradient, as ``optax.MultiSteps(optax.chain(adaptive(), opt), k)``
+    does, while clipping each micro-batch's gradient; a step skipped after
+    `adaptive()` is read as none.
 
   Args:
     start: :math:`s` in (0, 1], the first threshold as a fraction of the
@@ -687,6 +701,7 @@ def adaptive(
         recovering=0.0,
         norm_count=0,
         estimate_count=0,
+        grad_count=0,
         trend_sums=jnp.zeros((2, 2)),
         slow_sums=jnp.zeros((2,)),
         step_dots=jnp.zeros((4,)),
@@ -742,12 +757,13 @@ def adaptive(
 
     def rule(norm, stats):
       (log_c, floor, mean, var, sums, slow, recovering, watch, count,
-       in_row, prev_p, prev_g, prev_d, step_dots, step_bends,
+       in_row, grad_count, prev_p, prev_g, prev_d, step_dots, step_bends,
        norm_bends) = (stats[k] for k in (
            "log_threshold", "log_floor", "norm_mean", "norm_var",
            "trend_sums", "slow_sums", "recovering", "loss_stats",
-           "norm_count", "estimate_count", "prev_params", "prev_grads",
-           "prev_step", "step_dots", "step_bends", "norm_bends"))
+           "norm_count", "estimate_count", "grad_count", "prev_params",
+           "prev_grads", "prev_step", "step_dots", "step_bends",
+           "norm_bends"))
       log_n = jnp.log(jnp.maximum(norm, jnp.finfo(jnp.float32).tiny))
       first = count == 0
       # The estimated change of the loss over the last step, and its trend.
@@ -757,11 +773,17 @@ def adaptive(
         d, new_dots = prev_d, step_dots
         log_theta = jnp.inf
         new_bends = _bend(0.0, step_bends, False)
+        moved = jnp.ones((), bool)
       else:
         d = p_sub - prev_p
-        ga, b, gg, d1d1, g1g1, dd1, theta_sq = dots(
-            [prev_g, g_sub, g_sub, prev_d, prev_g, d, p_sub],
-            [d, d, prev_g, prev_d, prev_g, prev_d, p_sub])
+        ga, b, gg, d1d1, g1g1, dd1, theta_sq, dd = dots(
+            [prev_g, g_sub, g_sub, prev_d, prev_g, d, p_sub, d],
+            [d, d, prev_g, prev_d, prev_g, prev_d, p_sub, d])
+        # Parameters left in place (a micro-step of `optax.MultiSteps`
+        # chained after this, a skipped step) make no step to read: the
+        # estimate waits for the step, and reads it against the mean of the
+        # gradients since the last one.
+        moved = (in_row == 0) | (dd > 0)
         # The parameters' norm, for the first threshold (none if zero).
         log_theta = jnp.where((theta_sq > 0) & jnp.isfinite(theta_sq),
                               0.5 * jnp.log(theta_sq), jnp.inf)
@@ -769,12 +791,14 @@ def adaptive(
         log_d1 = jnp.log(jnp.where(d1d1 > 0, d1d1, 1.0))
         new_bends = _bend(log_d1, step_bends,
                           (in_row >= 2) & (d1d1 > 0) & jnp.isfinite(log_d1))
+        new_bends = jnp.where(moved, new_bends, step_bends)
         a = -ga  # The first-order decrease the step promised.
         # b: the slope along the step where it ended.
         new_dots = jnp.stack([b, gg, ga, g1g1])
         # One estimate per noise estimate: the trend is the lower of the two.
         a = a - _self_noise(a, d1d1, g1g1, dd1, step_dots, in_row >= 2)
-        seen = (in_row > 0) & jnp.all(jnp.isfinite(a)) & jnp.isfinite(b)
+        seen = ((in_row > 0) & moved & jnp.all(jnp.isfinite(a))
+                & jnp.isfinite(b))
         a, b = jnp.where(seen, a, 0.0), jnp.where(seen, b, 0.0)
       beta = f(trend_decay)
       rise, size = b - a, jnp.abs(a) + jnp.abs(b)
@@ -868,10 +892,15 @@ def adaptive(
           norm_var=new_var, trend_sums=sums, slow_sums=slow,
           recovering=recovering, loss_stats=watch,
           norm_count=jnp.minimum(count + 1, 2),
-          estimate_count=0 if p_sub is None else jnp.minimum(in_row + 1, 2),
-          prev_params=prev_p if p_sub is None else p_sub, prev_grads=g_sub,
-          prev_step=d, step_dots=new_dots, step_bends=new_bends,
-          norm_bends=norm_bends)
+          estimate_count=(0 if p_sub is None else
+                          jnp.where(moved, jnp.minimum(in_row + 1, 2), in_row)),
+          grad_count=jnp.where(moved, 1.0, grad_count + 1),
+          prev_params=prev_p if p_sub is None else p_sub,
+          prev_grads=jnp.where(
+              moved, g_sub, prev_g + (g_sub - prev_g) / (grad_count + 1)),
+          prev_step=jnp.where(moved, d, prev_d),
+          step_dots=jnp.where(moved, new_dots, step_dots),
+          step_bends=new_bends, norm_bends=norm_bends)
       return threshold, new, why, trend
 
     norm = _numerics.global_norm(leaves, axis_name)

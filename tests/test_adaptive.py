@@ -323,6 +323,8 @@ class AdaptiveReference:
     self.slow = np.zeros((2, 2))  # The slow EMAs that tell a sustained rise.
     self.recovering = False
     self.prev_p = self.prev_g = self.prev_d = None
+    self.averaged = 0  # How many gradients prev_g averages.
+    self.in_row = 0  # Steps that moved the parameters, saturating at 2.
     # <g_{t-1}, d_{t-1}>, <g_{t-1}, g_{t-2}>, <g_{t-2}, d_{t-1}>, |g_{t-2}|^2.
     self.b1 = self.gg1 = self.ga1 = self.g2g2 = 0.0
     # The loss watch: last loss, fast and slow levels, |change| EMA, weight.
@@ -380,12 +382,14 @@ class AdaptiveReference:
     log_n = np.log(max(n, np.finfo(np.float32).tiny))
     first = self.count == 0
     hurt = False
-    if not first:
-      d = [x - y for x, y in zip(p, self.prev_p)]
+    d = None if first else [x - y for x, y in zip(p, self.prev_p)]
+    # Parameters left in place make no step: the estimate waits for one.
+    moved = first or self.dot(d, d) > 0
+    if moved and not first:
       ga, b = self.dot(self.prev_g, d), self.dot(g, d)
       a = np.full(2, -ga)  # Less each estimate of the step's own noise.
       gg, g1g1 = self.dot(g, self.prev_g), self.dot(self.prev_g, self.prev_g)
-      if self.count >= 2:
+      if self.in_row >= 2:
         d1d1 = self.dot(self.prev_d, self.prev_d)
         self.step_bends = self.bend(np.log(d1d1) if d1d1 > 0 else 0.0,
                                     self.step_bends, d1d1 > 0)
@@ -415,7 +419,7 @@ class AdaptiveReference:
     if not first:
       released = self.log_c >= self.mean + np.log(h["release"])
       level = (1 + h["trouble"]) / 2 if released else h["trouble"]
-      hurt = trend > level and b - a[pick] > 0
+      hurt = moved and trend > level and b - a[pick] > 0
     evidence = max(trend, 0.0)
     if loss is not None and self.loss_rising(loss):
       hurt, evidence = True, max(evidence, 0.5)  # Read as a clear rise.
@@ -444,6 +448,8 @@ class AdaptiveReference:
       else:  # Slow start: half rate on a flat trend, full when falling.
         speed = min(max(0.5 - trend, 0), 1)
         grown = self.log_c + np.log(h["slow_start"]) * speed
+      if not moved:  # Nothing grows on a step the estimate did not read.
+        grown = self.log_c
       self.log_c = min(grown, max(cap, self.log_c))
     self.log_c = max(self.log_c, min(self.floor, self.mean + np.log(0.05)))
     if fixed and not first:
@@ -470,7 +476,14 @@ class AdaptiveReference:
     if n > threshold:
       cause = 3.0 if spike < controller else (2.0 if self.recovering else 1.0)
     self.count += 1
-    self.prev_p, self.prev_g = p, g
+    if moved:
+      self.prev_g, self.averaged = g, 1
+      self.in_row = min(self.in_row + 1, 2)
+    else:  # The mean of the gradients since the parameters last moved.
+      self.averaged += 1
+      self.prev_g = [x + (y - x) / self.averaged
+                     for x, y in zip(self.prev_g, g)]
+    self.prev_p = p
     self.last_threshold = threshold
     return threshold, cause
 
@@ -535,6 +548,19 @@ def test_adaptive_matches_reference_on_steps_of_a_fixed_norm(loss):
   fixed = np.flatnonzero(ref.fixed)
   assert 20 < fixed[0] < 60, fixed
   assert np.mean(ref.fixed[150:]) > 0.9
+
+
+@pytest.mark.parametrize("loss", [False, True])
+def test_adaptive_matches_reference_when_parameters_hold(loss):
+  # As under `optax.chain(adaptive(), optax.MultiSteps(opt, 4))`: the
+  # parameters move on one call in four (and on steps 0, 5, 100 and 101
+  # the updates are not finite).
+  grads, params = training_sequence(2, 300, bad=(0, 5, 100, 101))
+  held = [params[t - t % 4] for t in range(len(params))]
+  losses = loss_sequence(4, 300, bad=(3, 150)) if loss else None
+  ref = _check_against_reference(
+      {}, losses, sequence=lambda *_, **__: (grads, held))
+  assert ref.in_row == 2 and ref.averaged == 4
 
 
 def loss_sequence(seed, steps, bad=()):
@@ -789,7 +815,7 @@ def test_adaptive_statistics_read_by_name_from_a_vmapped_state():
            "prev_grads", "prev_step")
   for seed in range(3):
     one = run(seed)
-    assert one.stats.shape == (40,)
+    assert one.stats.shape == (41,)
     assert one.prev_params.shape == (one.subset.shape[-1],)
     assert one.trend_sums.shape == (2, 2)
     for count in (one.norm_count, one.estimate_count):
@@ -1182,9 +1208,9 @@ def _study_tasks():
   return _benchmark("adaptive_tasks")
 
 
-def _train(task, clip, seeds=4):
+def _train(task, clip, seeds=4, wrap=lambda opt: opt):
   """Final losses and clip_scale traces of `seeds` runs, vmapped."""
-  opt = optax.sgd(task.lr["sgd"], momentum=0.9)
+  opt = wrap(optax.sgd(task.lr["sgd"], momentum=0.9))
   tx = opt if clip is None else optax.chain(clip, opt)
 
   def scale(params, grads, state):
@@ -1212,6 +1238,20 @@ def test_adaptive_rescues_exploding_sgd_and_spares_healthy_sgd():
   assert np.median(ours) < 1.25 * np.median(base)
   # Released in steady state: clip_scale is 1 on most late steps.
   assert np.mean(np.asarray(scale)[:, 150:] == 1.0) > 0.9
+
+
+def test_adaptive_chained_before_multisteps_rescues_exploding_sgd():
+  # The parameters move on one call in four: each step is read against the
+  # mean of the gradients it was made of. Read call by call, a step made of
+  # four averaged gradients holds a quarter of the noise the correction
+  # takes off, and the estimate read a fall while the loss climbed: the
+  # threshold grew into a blow-up (some 1e5 times the loss of the fixed 5).
+  task = _study_tasks().regression(300)
+  accumulate = lambda opt: optax.MultiSteps(opt, every_k_schedule=4)
+  fixed, _ = _train(task, clipkit.global_norm(5.0), wrap=accumulate)
+  clipped, _ = _train(task, clipkit.adaptive(), wrap=accumulate)
+  assert np.all(np.isfinite(clipped))
+  assert np.median(clipped) < 3 * np.median(fixed)
 
 
 def test_adaptive_never_diverges_on_a_long_exploding_sgd_run():
