@@ -81,6 +81,14 @@ _PARAM_CAP = 2.0
 # reads: docs/adaptive.md, "Steps of a fixed norm".
 _BEND_DECAY, _BEND_START, _FIXED_STEP, _VARIED_NORM = 0.8, 1e-2, 1e-4, 1e-3
 
+# A step that leaves the parameters in place (on the subset) is no step to
+# read: the estimate waits for the one that moves them (the micro-steps of
+# `optax.MultiSteps` chained after `adaptive()`). After this many calls in
+# place it stops waiting, and reads each call as a step of no change, so
+# that a run whose steps round to nothing (bf16 parameters, a tiny rate)
+# still grows its threshold.
+_MAX_HOLD = 64
+
 # Values of `clip_cause`.
 NONE, START, OVERSHOOT, SPIKE, CEILING = 0.0, 1.0, 2.0, 3.0, 4.0
 
@@ -164,12 +172,14 @@ class AdaptiveState(NamedTuple):
       0.0 (slow start).
     norm_count: Count of steps with a finite, non-zero norm, saturating at
       2 (read as int32).
-    estimate_count: The same, reset by a step without `params`: the loss
-      estimate needs two steps with them in a row (read as int32).
+    estimate_count: The same, counting steps that moved the parameters,
+      reset by a step without `params`: the loss estimate needs two steps
+      with them in a row (read as int32).
     grad_count: How many gradients `prev_grads` averages: those of the
       steps since the parameters last moved (one, unless steps leave the
       parameters in place, as the micro-steps of `optax.MultiSteps` do
-      where `adaptive()` is chained before it).
+      where `adaptive()` is chained before it; float32, saturating at 64,
+      after which each call is read as a step again).
     trend_sums: EMAs of :math:`\\Delta L` (first row) and of its scale
       (second row), one column per noise estimate (2 x 2 floats).
     slow_sums: The same over the slow EMA that tells a sustained rise,
@@ -177,7 +187,7 @@ class AdaptiveState(NamedTuple):
     step_dots: :math:`\\langle g_{t-1}, d_{t-1}\\rangle_S`,
       :math:`\\langle g_{t-1}, g_{t-2}\\rangle_S`,
       :math:`\\langle g_{t-2}, d_{t-1}\\rangle_S` and :math:`|g_{t-2}|_S^2`,
-      from the last finite step.
+      from the last finite step that moved the parameters.
     step_bends: For a step of a fixed norm: the log of the last step's
       squared norm :math:`|d_{t-1}|_S^2`, its last difference, how many of
       the two are known (0 to 2), and the EMA of the squared second
@@ -191,7 +201,8 @@ class AdaptiveState(NamedTuple):
     prev_params: The parameters' subset coordinates at the last finite step,
       a vector of about `coordinates` entries.
     prev_grads: The gradients' subset coordinates at the last finite step
-      (their mean over the steps since the parameters last moved).
+      (their mean over the finite, non-zero-norm steps since the
+      parameters last moved).
     prev_step: The subset coordinates of the step before that one,
       :math:`d_{t-1}`.
   """
@@ -605,13 +616,18 @@ def adaptive(
     of the updates (ValueError); after a step without them, the estimate
     waits for two steps with them.
   - A step that leaves the parameters in place (on the subset) makes no
-    step to read: the estimate, and the threshold's growth and cuts by
-    it, wait for the next step that moves them, which is read against the
-    mean of the gradients since the last one. So ``optax.chain(adaptive(),
-    optax.MultiSteps(opt, k))`` reads each step of the accumulated
-    gradient, as ``optax.MultiSteps(optax.chain(adaptive(), opt), k)``
-    does, while clipping each micro-batch's gradient; a step skipped after
-    `adaptive()` is read as none.
+    step to read: the estimate, and the threshold's growth and cuts by it
+    or by the loss, wait for the next step that moves them, which is read
+    against the mean of the gradients since the last one (for up to 64
+    calls; after that each call reads as a step of no change). So
+    ``optax.chain(adaptive(), optax.MultiSteps(opt, k))`` reads each step
+    of the accumulated gradient much as ``optax.MultiSteps(optax.chain(
+    adaptive(), opt), k)`` does, while clipping each micro-batch's
+    gradient; the spike statistics, the loss watch and the slope at the
+    step's end (:math:`b_t`, from the first gradient after the step) still
+    read single micro-batches. A step skipped after `adaptive()` is read
+    as none, but its gradient joins the mean the next step is read
+    against.
 
   Args:
     start: :math:`s` in (0, 1], the first threshold as a fraction of the
@@ -773,7 +789,7 @@ def adaptive(
         d, new_dots = prev_d, step_dots
         log_theta = jnp.inf
         new_bends = _bend(0.0, step_bends, False)
-        moved = jnp.ones((), bool)
+        moved, held = jnp.ones((), bool), jnp.zeros((), bool)
       else:
         d = p_sub - prev_p
         ga, b, gg, d1d1, g1g1, dd1, theta_sq, dd = dots(
@@ -783,7 +799,8 @@ def adaptive(
         # chained after this, a skipped step) make no step to read: the
         # estimate waits for the step, and reads it against the mean of the
         # gradients since the last one.
-        moved = (in_row == 0) | (dd > 0)
+        held = (in_row > 0) & ~(dd > 0)
+        moved = ~held | (grad_count >= _MAX_HOLD)
         # The parameters' norm, for the first threshold (none if zero).
         log_theta = jnp.where((theta_sq > 0) & jnp.isfinite(theta_sq),
                               0.5 * jnp.log(theta_sq), jnp.inf)
@@ -824,7 +841,7 @@ def adaptive(
       hurt = seen & (trend > level) & (rise > 0)
       if loss is not None:
         rising, watch = _watch(f(loss), watch)
-        hurt |= rising
+        hurt |= rising & moved  # Once a step, under accumulation.
       # A step of a fixed norm (see `_FIXED_STEP`) is never cut: the
       # controller lets go, and only spikes are clipped.
       fixed = (new_bends[3] < _FIXED_STEP) & (norm_bends[3] > _VARIED_NORM)
@@ -894,7 +911,8 @@ def adaptive(
           norm_count=jnp.minimum(count + 1, 2),
           estimate_count=(0 if p_sub is None else
                           jnp.where(moved, jnp.minimum(in_row + 1, 2), in_row)),
-          grad_count=jnp.where(moved, 1.0, grad_count + 1),
+          grad_count=jnp.where(held, jnp.minimum(grad_count + 1, _MAX_HOLD),
+                               1.0),
           prev_params=prev_p if p_sub is None else p_sub,
           prev_grads=jnp.where(
               moved, g_sub, prev_g + (g_sub - prev_g) / (grad_count + 1)),

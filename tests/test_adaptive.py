@@ -383,8 +383,10 @@ class AdaptiveReference:
     first = self.count == 0
     hurt = False
     d = None if first else [x - y for x, y in zip(p, self.prev_p)]
-    # Parameters left in place make no step: the estimate waits for one.
-    moved = first or self.dot(d, d) > 0
+    # Parameters left in place make no step: the estimate waits for one,
+    # for up to 64 calls.
+    held = not first and not self.dot(d, d) > 0
+    moved = not held or self.averaged >= 64
     if moved and not first:
       ga, b = self.dot(self.prev_g, d), self.dot(g, d)
       a = np.full(2, -ga)  # Less each estimate of the step's own noise.
@@ -421,7 +423,7 @@ class AdaptiveReference:
       level = (1 + h["trouble"]) / 2 if released else h["trouble"]
       hurt = moved and trend > level and b - a[pick] > 0
     evidence = max(trend, 0.0)
-    if loss is not None and self.loss_rising(loss):
+    if loss is not None and self.loss_rising(loss) and moved:
       hurt, evidence = True, max(evidence, 0.5)  # Read as a clear rise.
     # A step whose norm stays fixed while the norm clipped to moves is
     # never cut, and the controller lets go.
@@ -477,12 +479,12 @@ class AdaptiveReference:
       cause = 3.0 if spike < controller else (2.0 if self.recovering else 1.0)
     self.count += 1
     if moved:
-      self.prev_g, self.averaged = g, 1
+      self.prev_g = g
       self.in_row = min(self.in_row + 1, 2)
     else:  # The mean of the gradients since the parameters last moved.
-      self.averaged += 1
-      self.prev_g = [x + (y - x) / self.averaged
+      self.prev_g = [x + (y - x) / (self.averaged + 1)
                      for x, y in zip(self.prev_g, g)]
+    self.averaged = min(self.averaged + 1, 64) if held else 1
     self.prev_p = p
     self.last_threshold = threshold
     return threshold, cause
@@ -1238,6 +1240,23 @@ def test_adaptive_rescues_exploding_sgd_and_spares_healthy_sgd():
   assert np.median(ours) < 1.25 * np.median(base)
   # Released in steady state: clip_scale is 1 on most late steps.
   assert np.mean(np.asarray(scale)[:, 150:] == 1.0) > 0.9
+
+
+def test_adaptive_grows_while_the_parameters_stay_in_place():
+  # Steps that round to nothing (bf16 parameters, a tiny rate) leave the
+  # parameters in place on every call: after 64 calls the rule stops
+  # waiting for a step, and its threshold grows again until it lets go.
+  tx = clipkit.adaptive()
+  params = {"w": jnp.ones((1000,), jnp.bfloat16)}
+  grads = {"w": jnp.ones((1000,), jnp.bfloat16)}
+  update = jax.jit(tx.update)
+  state = tx.init(params)
+  thresholds = []
+  for _ in range(200):
+    _, state = update(grads, state, params)
+    thresholds.append(float(state.clip_threshold))
+  assert thresholds[63] == thresholds[1]  # Waiting for a step.
+  assert thresholds[-1] > 10 * thresholds[63]
 
 
 def test_adaptive_chained_before_multisteps_rescues_exploding_sgd():
