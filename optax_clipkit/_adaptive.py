@@ -795,10 +795,7 @@ def adaptive(
         ga, b, gg, d1d1, g1g1, dd1, theta_sq, dd = dots(
             [prev_g, g_sub, g_sub, prev_d, prev_g, d, p_sub, d],
             [d, d, prev_g, prev_d, prev_g, prev_d, p_sub, d])
-        # Parameters left in place (a micro-step of `optax.MultiSteps`
-        # chained after this, a skipped step) make no step to read: the
-        # estimate waits for the step, and reads it against the mean of the
-        # gradients since the last one.
+        # Parameters left in place make no step to read (see `_MAX_HOLD`).
         held = (in_row > 0) & ~(dd > 0)
         moved = ~held | (grad_count >= _MAX_HOLD)
         # The parameters' norm, for the first threshold (none if zero).

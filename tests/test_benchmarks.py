@@ -1,5 +1,6 @@
 """The benchmark scripts run (smoke runs: their figures are not checked)."""
 
+import importlib
 import json
 import pathlib
 import subprocess
@@ -39,12 +40,17 @@ def test_exploding_quick(tmp_path):
   assert len(results) == 8  # 4 tasks, each with SGD and with Adam.
 
 
+def _import_benchmark(monkeypatch, name):
+  """A module of benchmarks/, importable for this test only."""
+  if str(BENCHMARKS) not in sys.path:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+  return importlib.import_module(name)
+
+
 def test_exploding_one_task(monkeypatch):
   # A fast stand-in for the slow smoke run above: one task, one threshold,
   # one strategy, two seeds, 20 steps, in process.
-  if str(BENCHMARKS) not in sys.path:
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-  import exploding  # pylint: disable=g-import-not-at-top
+  exploding = _import_benchmark(monkeypatch, "exploding")
   monkeypatch.setattr(exploding, "GRID", (1.0,))
   monkeypatch.setattr(exploding, "STRATEGIES",
                       {"adaptive()": exploding.STRATEGIES["adaptive()"]})
@@ -112,9 +118,7 @@ def test_other_optimizers_quick():
 
 def test_other_optimizers_all_step(monkeypatch):
   # Every optimizer of the table builds and takes a finite step.
-  if str(BENCHMARKS) not in sys.path:
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-  import adaptive_study  # pylint: disable=g-import-not-at-top
+  adaptive_study = _import_benchmark(monkeypatch, "adaptive_study")
   params = {"w": jnp.ones((4, 3)), "b": jnp.zeros((3,))}
   grads = {"w": jnp.full((4, 3), 0.5), "b": jnp.ones((3,))}
   rates = {"sgd": 0.01, "adam": 1e-3}
