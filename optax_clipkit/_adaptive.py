@@ -187,7 +187,8 @@ class AdaptiveState(NamedTuple):
     step_dots: :math:`\\langle g_{t-1}, d_{t-1}\\rangle_S`,
       :math:`\\langle g_{t-1}, g_{t-2}\\rangle_S`,
       :math:`\\langle g_{t-2}, d_{t-1}\\rangle_S` and :math:`|g_{t-2}|_S^2`,
-      from the last finite step that moved the parameters.
+      from the last finite step that moved the parameters; the first is
+      then averaged over the steps since, as `prev_grads` is.
     step_bends: For a step of a fixed norm: the log of the last step's
       squared norm :math:`|d_{t-1}|_S^2`, its last difference, how many of
       the two are known (0 to 2), and the EMA of the squared second
@@ -786,15 +787,15 @@ def adaptive(
       if p_sub is None:
         seen = jnp.zeros((), bool)
         a, b = jnp.zeros((2,), jnp.float32), jnp.zeros((), jnp.float32)
-        d, new_dots = prev_d, step_dots
+        d, new_dots, g_d1 = prev_d, step_dots, step_dots[0]
         log_theta = jnp.inf
         new_bends = _bend(0.0, step_bends, False)
         moved, held = jnp.ones((), bool), jnp.zeros((), bool)
       else:
         d = p_sub - prev_p
-        ga, b, gg, d1d1, g1g1, dd1, theta_sq, dd = dots(
-            [prev_g, g_sub, g_sub, prev_d, prev_g, d, p_sub, d],
-            [d, d, prev_g, prev_d, prev_g, prev_d, p_sub, d])
+        ga, b, gg, d1d1, g1g1, dd1, theta_sq, dd, g_d1 = dots(
+            [prev_g, g_sub, g_sub, prev_d, prev_g, d, p_sub, d, g_sub],
+            [d, d, prev_g, prev_d, prev_g, prev_d, p_sub, d, prev_d])
         # Parameters left in place make no step to read (see `_MAX_HOLD`).
         held = (in_row > 0) & ~(dd > 0)
         moved = ~held | (grad_count >= _MAX_HOLD)
@@ -914,7 +915,11 @@ def adaptive(
           prev_grads=jnp.where(
               moved, g_sub, prev_g + (g_sub - prev_g) / (grad_count + 1)),
           prev_step=jnp.where(moved, d, prev_d),
-          step_dots=jnp.where(moved, new_dots, step_dots),
+          # While the parameters wait, the last step's slope is averaged
+          # as `prev_grads` is: the fit of eta reads it against their mean.
+          step_dots=jnp.where(
+              moved, new_dots, jnp.asarray(step_dots).at[0].add(
+                  (g_d1 - step_dots[0]) / (grad_count + 1))),
           step_bends=new_bends, norm_bends=norm_bends)
       return threshold, new, why, trend
 

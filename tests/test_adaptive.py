@@ -325,8 +325,8 @@ class AdaptiveReference:
     self.prev_p = self.prev_g = self.prev_d = None
     self.averaged = 0  # How many gradients prev_g averages.
     self.in_row = 0  # Steps that moved the parameters, saturating at 2.
-    # <g_{t-1}, d_{t-1}>, <g_{t-1}, g_{t-2}>, <g_{t-2}, d_{t-1}>, |g_{t-2}|^2.
-    self.b1 = self.gg1 = self.ga1 = self.g2g2 = 0.0
+    # <g_{t-1}, g_{t-2}>, <g_{t-2}, d_{t-1}>, |g_{t-2}|^2.
+    self.gg1 = self.ga1 = self.g2g2 = 0.0
     # The loss watch: last loss, fast and slow levels, |change| EMA, weight.
     self.last_loss, self.fast, self.levels = np.nan, 0.0, []
     self.change, self.change_weight = 0.0, 0.0
@@ -395,17 +395,19 @@ class AdaptiveReference:
         d1d1 = self.dot(self.prev_d, self.prev_d)
         self.step_bends = self.bend(np.log(d1d1) if d1d1 > 0 else 0.0,
                                     self.step_bends, d1d1 > 0)
-        det = d1d1 * g1g1 - self.b1 ** 2
+        # g_{t-1} is the mean of the gradients read since d_{t-1}.
+        b1 = self.dot(self.prev_g, self.prev_d)
+        det = d1d1 * g1g1 - b1 ** 2
         if d1d1 > 0 and det > 1e-3 * d1d1 * g1g1:
           # Least squares: d = beta * prev_d - eta * prev_g.
-          eta = max((d1d1 * -ga + self.b1 * self.dot(d, self.prev_d)) / det,
+          eta = max((d1d1 * -ga + b1 * self.dot(d, self.prev_d)) / det,
                     0.0)
           # |g_{t-1} - g_{t-2}|^2 less its part along d_{t-1}, halved.
           diff = g1g1 - 2 * self.gg1 + self.g2g2
-          along = (self.b1 - self.ga1) ** 2 / d1d1
+          along = (b1 - self.ga1) ** 2 / d1d1
           a -= eta * np.array([g1g1 - max(self.gg1, 0.0),
                                max(diff - along, 0.0) / 2])
-      self.prev_d, self.b1, self.gg1, self.ga1, self.g2g2 = d, b, gg, ga, g1g1
+      self.prev_d, self.gg1, self.ga1, self.g2g2 = d, gg, ga, g1g1
       new = np.array([b - a, abs(a) + abs(b)])
       self.sums = h["trend_decay"] * self.sums + (1 - h["trend_decay"]) * new
       self.slow = 0.99 * self.slow + 0.01 * new
