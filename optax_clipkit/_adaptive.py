@@ -902,6 +902,12 @@ def adaptive(
       # Why a norm above the threshold is clipped.
       why = jnp.where(spike < controller, SPIKE,
                       jnp.where(recovering > 0, OVERSHOOT, START))
+      # While the parameters wait, the gradients and the last step's slope
+      # along them are averaged: the fit of eta reads that step against
+      # their mean.
+      def averaged(old, x):
+        return old + (x - old) / (grad_count + 1)
+
       new = dict(
           log_threshold=log_c, log_floor=floor, norm_mean=new_mean,
           norm_var=new_var, trend_sums=sums, slow_sums=slow,
@@ -912,14 +918,10 @@ def adaptive(
           grad_count=jnp.where(held, jnp.minimum(grad_count + 1, _MAX_HOLD),
                                1.0),
           prev_params=prev_p if p_sub is None else p_sub,
-          prev_grads=jnp.where(
-              moved, g_sub, prev_g + (g_sub - prev_g) / (grad_count + 1)),
+          prev_grads=jnp.where(moved, g_sub, averaged(prev_g, g_sub)),
           prev_step=jnp.where(moved, d, prev_d),
-          # While the parameters wait, the last step's slope is averaged
-          # as `prev_grads` is: the fit of eta reads it against their mean.
-          step_dots=jnp.where(
-              moved, new_dots, jnp.asarray(step_dots).at[0].add(
-                  (g_d1 - step_dots[0]) / (grad_count + 1))),
+          step_dots=jnp.where(moved, new_dots, jnp.asarray(step_dots).at[0].set(
+              averaged(step_dots[0], g_d1))),
           step_bends=new_bends, norm_bends=norm_bends)
       return threshold, new, why, trend
 
