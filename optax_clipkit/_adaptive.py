@@ -187,8 +187,10 @@ class AdaptiveState(NamedTuple):
     step_dots: :math:`\\langle g_{t-1}, d_{t-1}\\rangle_S`,
       :math:`\\langle g_{t-1}, g_{t-2}\\rangle_S`,
       :math:`\\langle g_{t-2}, d_{t-1}\\rangle_S` and :math:`|g_{t-2}|_S^2`,
-      from the last finite step that moved the parameters; the first is
-      then averaged over the steps since, as `prev_grads` is.
+      from the last finite step that moved the parameters: there
+      :math:`g_{t-1}` is that call's gradient and :math:`g_{t-2}` is
+      `prev_grads`. The first is then averaged over the calls since, as
+      `prev_grads` is, so that it reads the step against their mean.
     step_bends: For a step of a fixed norm: the log of the last step's
       squared norm :math:`|d_{t-1}|_S^2`, its last difference, how many of
       the two are known (0 to 2), and the EMA of the squared second
@@ -624,9 +626,10 @@ def adaptive(
     ``optax.chain(adaptive(), optax.MultiSteps(opt, k))`` reads each step
     of the accumulated gradient much as ``optax.MultiSteps(optax.chain(
     adaptive(), opt), k)`` does, while clipping each micro-batch's
-    gradient; the spike statistics, the loss watch and the slope at the
-    step's end (:math:`b_t`, from the first gradient after the step) still
-    read single micro-batches. A step skipped after `adaptive()` is read
+    gradient; the spike statistics, the loss watch, the slope at the
+    step's end (:math:`b_t`) and the product of consecutive gradients in
+    the noise estimates (both from the first gradient after the step)
+    still read single micro-batches. A step skipped after `adaptive()` is read
     as none, but its gradient joins the mean the next step is read
     against.
 

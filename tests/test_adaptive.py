@@ -554,17 +554,19 @@ def test_adaptive_matches_reference_on_steps_of_a_fixed_norm(loss):
   assert np.mean(ref.fixed[150:]) > 0.9
 
 
-@pytest.mark.parametrize("loss", [False, True])
-def test_adaptive_matches_reference_when_parameters_hold(loss):
-  # As under `optax.chain(adaptive(), optax.MultiSteps(opt, 4))`: the
-  # parameters move on one call in four (and on steps 0, 5, 100 and 101
-  # the updates are not finite).
+@pytest.mark.parametrize("every, loss", [(4, False), (4, True), (3, False),
+                                         (70, False)])
+def test_adaptive_matches_reference_when_parameters_hold(every, loss):
+  # As under `optax.chain(adaptive(), optax.MultiSteps(opt, every))`: the
+  # parameters move on one call in `every` (and on steps 0, 5, 100 and 101
+  # the updates are not finite). Past 64 calls in place each call is read
+  # as a step again.
   grads, params = training_sequence(2, 300, bad=(0, 5, 100, 101))
-  held = [params[t - t % 4] for t in range(len(params))]
+  held = [params[t - t % every] for t in range(len(params))]
   losses = loss_sequence(4, 300, bad=(3, 150)) if loss else None
   ref = _check_against_reference(
       {}, losses, sequence=lambda *_, **__: (grads, held))
-  assert ref.in_row == 2 and ref.averaged == 4
+  assert ref.in_row == 2 and ref.averaged == min(299 % every + 1, 64)
 
 
 def loss_sequence(seed, steps, bad=()):
